@@ -1,0 +1,184 @@
+"""Configuration: one typed, frozen tree, from a TOML file plus ``CITYFLUX_*`` variables.
+
+Precedence, lowest first: the defaults below (they work against local servers), the TOML file
+(``--config`` or ``CITYFLUX_CONFIG``), then environment variables named
+``CITYFLUX_<SECTION>__<KEY>`` (double underscore between levels), e.g.
+``CITYFLUX_INFLUX__URL=http://db:8086``. Everything is validated at start; an error names the
+offending key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from cityflux.errors import ConfigError
+
+ENV_PREFIX = "CITYFLUX_"
+
+
+class Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Frozen, keyword-only, and unknown keys are errors (a typo must not be ignored)."""
+
+
+class TlsConfig(Base, frozen=True):
+    enabled: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False  # skip hostname verification: test rigs only
+
+
+class MqttConfig(Base, frozen=True):
+    url: str = "mqtt://127.0.0.1:1883"
+    protocol: Literal["5", "3.1.1"] = "3.1.1"
+    client_id: str = "cityflux"
+    username: str | None = None
+    password: str | None = None
+    tls: TlsConfig = TlsConfig()
+    keepalive_s: int = 30
+    topic_root: str = "cityflux/v1"
+    # Several `cityflux run --workers N` processes split the load through this shared group.
+    shared_group: str = "cityflux"
+    # MQTT 5: how long the broker keeps our session (and queues for it) while we are away.
+    session_expiry_s: int = 7 * 24 * 3600
+    # Unacknowledged QoS 1 messages the broker may have in flight to us (MQTT 5 Receive Maximum;
+    # for 3.1.1 the broker's max_inflight_messages sets it). Bounds our memory under back-pressure.
+    receive_maximum: int = 20_000
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+
+class InfluxConfig(Base, frozen=True):
+    url: str = "http://127.0.0.1:8086"
+    api: Literal["v1", "v2"] = "v1"
+    # v1: database, retention policy, optional user/password
+    database: str = "cityflux"
+    retention_policy: str | None = None
+    username: str | None = None
+    password: str | None = None
+    # v2: organisation, bucket and token
+    org: str = "cityflux"
+    bucket: str = "cityflux"
+    token: str | None = None
+    create_database: bool = True  # v1 only: CREATE DATABASE at start (idempotent)
+    gzip: bool = True
+    timeout_s: float = 10.0
+    max_retries: int = 3  # per batch, before the batch goes to the spool
+    retry_base_s: float = 0.2
+    retry_max_s: float = 5.0
+
+
+class IngestConfig(Base, frozen=True):
+    batch_size: int = 5_000  # messages per batch (keep below mqtt.receive_maximum)
+    flush_interval_s: float = 0.2
+    max_payload_bytes: int = 256 * 1024
+    max_readings_per_message: int = 1_000
+    max_past_s: int = 30 * 24 * 3600  # readings older than this are bad_timestamp
+    max_future_s: int = 300  # clocks ahead by more than this are bad_timestamp
+    deadletter_prefix_bytes: int = 1_024
+
+
+class SpoolConfig(Base, frozen=True):
+    dir: str = "var/spool"
+    max_bytes: int = 1024 * 1024 * 1024
+    segment_bytes: int = 16 * 1024 * 1024
+
+
+class MetricsConfig(Base, frozen=True):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9108
+    health_interval_s: float = 10.0  # how often pipeline counters are written to InfluxDB
+
+
+class Config(Base, frozen=True):
+    mqtt: MqttConfig = MqttConfig()
+    influx: InfluxConfig = InfluxConfig()
+    ingest: IngestConfig = IngestConfig()
+    spool: SpoolConfig = SpoolConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A copy with dotted-key overrides applied, e.g. ``{"mqtt.url": "mqtt://h:1"}``."""
+        data = msgspec.to_builtins(self)
+        for dotted, value in overrides.items():
+            _set_dotted(data, dotted.split("."), value)
+        return _convert(data)
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the TOML file, then ``CITYFLUX_*`` variables; validated and frozen."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(f"{ENV_PREFIX}CONFIG")
+    data: dict[str, Any] = _read_toml(Path(path)) if path else {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+            _set_dotted(data, keys, value)
+    return _convert(data)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        node = data.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {key} is not a section")
+        data = node
+    data[keys[-1]] = value
+
+
+def _convert(data: dict[str, Any]) -> Config:
+    try:
+        # strict=False: environment variables are strings; "5000" must become an int.
+        config = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    """Rules that span keys, which the types alone cannot say."""
+    scheme = urlsplit(config.mqtt.url).scheme
+    if scheme not in {"mqtt", "mqtts"}:
+        raise ConfigError(f"mqtt.url must start with mqtt:// or mqtts://, got {config.mqtt.url!r}")
+    if urlsplit(config.influx.url).scheme not in {"http", "https"}:
+        raise ConfigError(f"influx.url must be http(s)://, got {config.influx.url!r}")
+    if config.ingest.batch_size > config.mqtt.receive_maximum:
+        raise ConfigError(
+            "ingest.batch_size must not exceed mqtt.receive_maximum: the broker stops sending "
+            "once receive_maximum messages are unacknowledged"
+        )
+    if config.influx.api == "v2" and not config.influx.token:
+        raise ConfigError("influx.api = 'v2' needs influx.token")
+    for name in ("batch_size", "max_payload_bytes", "max_readings_per_message"):
+        if getattr(config.ingest, name) <= 0:
+            raise ConfigError(f"ingest.{name} must be positive")
+    if config.spool.segment_bytes > config.spool.max_bytes:
+        raise ConfigError("spool.segment_bytes must not exceed spool.max_bytes")

@@ -1,0 +1,374 @@
+"""Decode a batch of MQTT messages into numpy columns per kind, rejecting what does not fit.
+
+The hot path is: a cached topic lookup and one msgspec C call per message, then one
+``attrgetter`` map per field per batch to build the columns. Only payloads that fail the typed
+decode take the slow path (``_salvage``), which finds out exactly why and keeps the good
+readings of a partly bad array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from cityflux.config import IngestConfig
+from cityflux.ingest.batch import BOOL_ABSENT, Columns, Decoded, Rejection
+from cityflux.ingest.contract import (
+    KIND_FIELDS,
+    LANE_FIELDS,
+    MAX_LANES,
+    READING_TYPES,
+    STATUS_STATES,
+    TRAFFIC_FIELDS,
+    FieldSpec,
+    Reason,
+    StatusMessage,
+)
+from cityflux.ingest.timestamps import to_epoch_ns
+from cityflux.ingest.topics import DeviceTopic, TopicParser, TopicRejection
+
+_REASON_WORDS = (("out of range", Reason.OUT_OF_RANGE),)
+
+
+@dataclass(slots=True)
+class _KindRows:
+    """Readings of one kind gathered during the per-message loop."""
+
+    readings: list[Any] = field(default_factory=list)
+    message_index: list[int] = field(default_factory=list)
+    reading_index: list[int] = field(default_factory=list)
+    topics: list[DeviceTopic] = field(default_factory=list)
+
+    def add(self, reading: Any, index: int, position: int, topic: DeviceTopic) -> None:
+        self.readings.append(reading)
+        self.message_index.append(index)
+        self.reading_index.append(position)
+        self.topics.append(topic)
+
+
+class BatchDecoder:
+    """Turns ``(topics, payloads)`` into :class:`Decoded`; never raises on bad input."""
+
+    def __init__(self, config: IngestConfig, topic_root: str) -> None:
+        self.config = config
+        self.topics = TopicParser(topic_root)
+        self._typed = {
+            kind: msgspec.json.Decoder(cls | list[cls])  # type: ignore[valid-type]
+            for kind, cls in READING_TYPES.items()
+        }
+        self._one = {kind: msgspec.json.Decoder(cls) for kind, cls in READING_TYPES.items()}
+        self._raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+        self._status = msgspec.json.Decoder(StatusMessage)
+
+    # -- per batch -----------------------------------------------------------------------
+    def decode(self, topics: Sequence[str], payloads: Sequence[bytes], now_ns: int) -> Decoded:
+        rows: dict[str, _KindRows] = {}
+        rejections: list[Rejection] = []
+        ignored = 0
+        for index, (topic, payload) in enumerate(zip(topics, payloads, strict=True)):
+            parsed = self.topics.parse(topic)
+            if parsed is None:
+                ignored += 1
+            elif isinstance(parsed, TopicRejection):
+                rejections.append(Rejection(parsed.reason, parsed.message, index))
+            elif len(payload) > self.config.max_payload_bytes:
+                message = f"payload of {len(payload)} bytes exceeds {self.config.max_payload_bytes}"
+                rejections.append(Rejection(Reason.TOO_LARGE, message, index))
+            elif parsed.is_status:
+                kind_rows = rows.setdefault("status", _KindRows())
+                self._decode_status(parsed, payload, index, kind_rows, rejections)
+            else:
+                kind_rows = rows.setdefault(parsed.kind, _KindRows())
+                self._decode_readings(parsed, payload, index, kind_rows, rejections)
+        columns = {
+            kind: _build_columns(kind, kind_rows, now_ns, rejections)
+            for kind, kind_rows in rows.items()
+            if kind_rows.readings
+        }
+        return Decoded(columns, rejections, ignored)
+
+    # -- per message ---------------------------------------------------------------------
+    def _decode_readings(
+        self,
+        topic: DeviceTopic,
+        payload: bytes,
+        index: int,
+        rows: _KindRows,
+        rejections: list[Rejection],
+    ) -> None:
+        try:
+            value = self._typed[topic.kind].decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            self._salvage(topic, payload, index, rows, rejections)
+            return
+        if isinstance(value, list):
+            if not self._array_size_ok(value, index, rejections):
+                return
+            for position, reading in enumerate(value):
+                rows.add(reading, index, position, topic)
+        else:
+            rows.add(value, index, 0, topic)
+
+    def _array_size_ok(self, value: list[Any], index: int, rejections: list[Rejection]) -> bool:
+        limit = self.config.max_readings_per_message
+        if not value:
+            rejections.append(Rejection(Reason.SCHEMA, "empty array: no readings", index))
+            return False
+        if len(value) > limit:
+            message = f"{len(value)} readings in one message exceed {limit}"
+            rejections.append(Rejection(Reason.TOO_LARGE, message, index))
+            return False
+        return True
+
+    def _salvage(
+        self,
+        topic: DeviceTopic,
+        payload: bytes,
+        index: int,
+        rows: _KindRows,
+        rejections: list[Rejection],
+    ) -> None:
+        """Slow path: say precisely why a payload failed, keep the good readings of an array."""
+        generic = _generic_json(payload)
+        if isinstance(generic, Rejection):
+            rejections.append(Rejection(generic.reason, generic.message, index))
+            return
+        if not isinstance(generic, list):
+            rejections.append(self._explain(topic, payload, index, None))
+            return
+        elements = self._raw_list.decode(payload)
+        if not self._array_size_ok(elements, index, rejections):
+            return
+        decoder = self._one[topic.kind]
+        for position, element in enumerate(elements):
+            try:
+                rows.add(decoder.decode(element), index, position, topic)
+            except (msgspec.ValidationError, RecursionError):
+                rejections.append(self._explain(topic, bytes(element), index, position))
+
+    def _explain(
+        self, topic: DeviceTopic, payload: bytes, index: int, position: int | None
+    ) -> Rejection:
+        try:
+            self._one[topic.kind].decode(payload)
+        except msgspec.ValidationError as exc:
+            error = str(exc)
+        except RecursionError:
+            return Rejection(Reason.INVALID_JSON, "JSON nested too deeply", index, position)
+        else:  # decodes alone: only the array wrapper was wrong
+            error = "expected a reading object or an array of reading objects"
+        for words, reason in _REASON_WORDS:
+            if words in error.lower():
+                return Rejection(reason, error, index, position)
+        other = self._other_kind(topic.kind, payload) if "unknown field" in error else None
+        if other is not None:
+            message = f"payload is a {other} reading on a {topic.kind} topic"
+            return Rejection(Reason.MISMATCH, message, index, position)
+        return Rejection(Reason.SCHEMA, error, index, position)
+
+    def _other_kind(self, kind: str, payload: bytes) -> str | None:
+        for other, decoder in self._one.items():
+            if other == kind:
+                continue
+            try:
+                decoder.decode(payload)
+            except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+                continue
+            return other
+        return None
+
+    def _decode_status(
+        self,
+        topic: DeviceTopic,
+        payload: bytes,
+        index: int,
+        rows: _KindRows,
+        rejections: list[Rejection],
+    ) -> None:
+        try:
+            status = self._status.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            generic = _generic_json(payload)
+            if isinstance(generic, Rejection):
+                rejections.append(Rejection(generic.reason, generic.message, index))
+            else:
+                message = 'status payload must be {"state": "online"|"offline", "ts": ...}'
+                rejections.append(Rejection(Reason.SCHEMA, message, index))
+            return
+        if status.state not in STATUS_STATES:
+            message = f"state {status.state!r} is not one of {', '.join(STATUS_STATES)}"
+            rejections.append(Rejection(Reason.SCHEMA, message, index))
+            return
+        rows.add(status, index, 0, topic)
+
+
+def _generic_json(payload: bytes) -> Any:
+    """The payload as untyped JSON, or the invalid_utf8 / invalid_json rejection it deserves."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejection(
+            Reason.INVALID_UTF8, f"payload is not UTF-8: {exc.reason} at byte {exc.start}", -1
+        )
+    try:
+        return msgspec.json.decode(payload)
+    except msgspec.DecodeError as exc:
+        return Rejection(Reason.INVALID_JSON, f"{exc} (NaN and Infinity are not JSON)", -1)
+    except RecursionError:
+        return Rejection(Reason.INVALID_JSON, "JSON nested too deeply", -1)
+
+
+# -- columns ---------------------------------------------------------------------------------
+def _build_columns(kind: str, rows: _KindRows, now_ns: int, rejections: list[Rejection]) -> Columns:
+    readings = rows.readings
+    ts_ns = to_epoch_ns(
+        list(map(attrgetter("ts"), readings)),
+        list(map(attrgetter("ts_ns"), readings)),
+        default_ns=now_ns if kind == "status" else None,  # a last will carries no clock
+    )
+    columns = Columns(
+        kind=kind,
+        tags={
+            "district": np.array([t.district for t in rows.topics], dtype=object),
+            "device_id": np.array([t.device_id for t in rows.topics], dtype=object),
+        },
+        fields={},
+        ts_ns=ts_ns,
+        message_index=np.array(rows.message_index, dtype=np.int32),
+        reading_index=np.array(rows.reading_index, dtype=np.int32),
+        group=np.arange(len(readings), dtype=np.int32),
+    )
+    if kind == "status":
+        columns.tags["kind"] = np.array([t.kind for t in rows.topics], dtype=object)
+        columns.fields["online"] = np.array([s.state == "online" for s in readings], dtype=np.int8)
+        return columns
+    keep = _claims_match(kind, readings, rows.topics, columns, rejections)
+    if kind == "traffic":
+        return _traffic_columns(readings, columns, keep, rejections)
+    for spec in KIND_FIELDS[kind]:
+        columns.fields[spec.name] = _column(spec, list(map(attrgetter(spec.name), readings)))
+    keep &= _has_measurements(columns, rejections)
+    return columns.select(keep)
+
+
+def _column(spec: FieldSpec, values: list[Any]) -> npt.NDArray[Any]:
+    if spec.type == "float":
+        return np.array(values, dtype=np.float64)  # None becomes NaN
+    if spec.type == "bool":
+        return np.fromiter(
+            (BOOL_ABSENT if value is None else value for value in values), np.int8, len(values)
+        )
+    return np.array(values, dtype=np.int64)
+
+
+def _reject_rows(
+    columns: Columns,
+    bad: npt.NDArray[np.bool_],
+    reason: Reason,
+    message: str,
+    rejections: list[Rejection],
+) -> None:
+    for row in np.flatnonzero(bad).tolist():
+        rejections.append(
+            Rejection(
+                reason, message, int(columns.message_index[row]), int(columns.reading_index[row])
+            )
+        )
+
+
+def _claims_match(
+    kind: str,
+    readings: list[Any],
+    topics: list[DeviceTopic],
+    columns: Columns,
+    rejections: list[Rejection],
+) -> npt.NDArray[np.bool_]:
+    """Rows whose optional ``device_id``/``kind`` claims agree with their topic."""
+    keep = np.ones(len(readings), dtype=np.bool_)
+    for row, (reading, topic) in enumerate(zip(readings, topics, strict=True)):
+        claimed_id, claimed_kind = reading.device_id, reading.kind
+        if (claimed_id is None or claimed_id == topic.device_id) and (
+            claimed_kind is None or claimed_kind == kind
+        ):
+            continue
+        keep[row] = False
+        message = (
+            f"payload says device_id={claimed_id!r} kind={claimed_kind!r}, topic says "
+            f"device_id={topic.device_id!r} kind={kind!r}"
+        )
+        rejections.append(
+            Rejection(
+                Reason.MISMATCH,
+                message,
+                int(columns.message_index[row]),
+                int(columns.reading_index[row]),
+            )
+        )
+    return keep
+
+
+def _has_measurements(columns: Columns, rejections: list[Rejection]) -> npt.NDArray[np.bool_]:
+    present = np.zeros(len(columns), dtype=np.int32)
+    for column in columns.fields.values():
+        present += (column != BOOL_ABSENT) if column.dtype == np.int8 else ~np.isnan(column)
+    empty: npt.NDArray[np.bool_] = present == 0
+    _reject_rows(columns, empty, Reason.SCHEMA, "reading carries no measurement field", rejections)
+    return ~empty
+
+
+def _traffic_columns(
+    readings: list[Any],
+    columns: Columns,
+    keep: npt.NDArray[np.bool_],
+    rejections: list[Rejection],
+) -> Columns:
+    """One row per lane; a reading with no lanes or repeated lanes is rejected whole."""
+    lane_counts = np.array([len(r.lanes) for r in readings], dtype=np.int64)
+    for row, reading in enumerate(readings):
+        lanes = reading.lanes
+        problem = None
+        if not lanes:
+            problem = "lanes is empty"
+        elif len(lanes) > MAX_LANES:
+            problem = f"{len(lanes)} lanes exceed {MAX_LANES}"
+        elif len({lane.lane for lane in lanes}) != len(lanes):
+            problem = "a lane number appears twice"
+        if problem is not None and keep[row]:
+            keep[row] = False
+            rejections.append(
+                Rejection(
+                    Reason.SCHEMA,
+                    problem,
+                    int(columns.message_index[row]),
+                    int(columns.reading_index[row]),
+                )
+            )
+    lane_counts[~keep] = 0
+    kept = [r for r, ok in zip(readings, keep.tolist(), strict=True) if ok]
+    lanes_flat = [lane for reading in kept for lane in reading.lanes]
+    per_row = lane_counts
+
+    def repeat(column: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        return np.repeat(column, per_row)
+
+    fields: dict[str, npt.NDArray[Any]] = {
+        spec.name: repeat(_column(spec, list(map(attrgetter(spec.name), readings))))
+        for spec in TRAFFIC_FIELDS
+    }
+    for spec in LANE_FIELDS:
+        fields[spec.name] = _column(spec, list(map(attrgetter(spec.name), lanes_flat)))
+    return Columns(
+        kind="traffic",
+        tags={name: repeat(column) for name, column in columns.tags.items()},
+        fields=fields,
+        ts_ns=repeat(columns.ts_ns),
+        message_index=repeat(columns.message_index),
+        reading_index=repeat(columns.reading_index),
+        group=repeat(columns.group),
+    )

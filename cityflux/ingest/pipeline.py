@@ -1,0 +1,204 @@
+"""The ingest loop: MQTT batch -> decode -> validate -> line protocol -> durable sink -> ack.
+
+One :class:`Pipeline` per worker process. The loop is the only thread that acknowledges, and it
+acknowledges a batch only after the sink made it durable (database or fsynced spool) and its dead
+letters were handed to the client ahead of the acks (same connection, so the broker sees the dead
+letters before it sees the acks).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cityflux.config import Config
+from cityflux.errors import SpoolFull
+from cityflux.ingest.batch import Rejection
+from cityflux.ingest.contract import Reason
+from cityflux.ingest.deadletter import DeadLetterFactory
+from cityflux.ingest.decode import BatchDecoder
+from cityflux.ingest.mqtt import MessageBatch, MqttConsumer
+from cityflux.ingest.validate import validate
+from cityflux.observability import Metrics, MetricsServer
+from cityflux.store.influx import InfluxWriter
+from cityflux.store.lineprotocol import BatchEncoder, encode_point
+from cityflux.store.schema import PIPELINE_MEASUREMENT
+from cityflux.store.sink import DurableSink, RejectedLines
+from cityflux.store.spool import Spool
+
+log = logging.getLogger(__name__)
+SPOOL_FULL_PAUSE_S = 0.5
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    lines: list[str] = field(default_factory=list)
+    letters: list[tuple[str, bytes]] = field(default_factory=list)  # (topic, payload)
+    accepted: dict[str, int] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, config: Config, worker: int = 0, workers: int = 1) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.consumer = MqttConsumer(config.mqtt, self.metrics, worker, workers)
+        self.decoder = BatchDecoder(config.ingest, config.mqtt.topic_root)
+        self.encoder = BatchEncoder()
+        self.letters = DeadLetterFactory(
+            config.mqtt.topic_root, config.ingest.deadletter_prefix_bytes
+        )
+        spool_dir = Path(config.spool.dir) / (f"worker-{worker}" if workers > 1 else "")
+        self.spool = Spool(spool_dir, config.spool.max_bytes, config.spool.segment_bytes)
+        self.writer = InfluxWriter(config.influx)
+        self.sink = DurableSink(self.writer, self.spool, self.metrics, self._dead_letter_lines)
+        self.metrics_port = config.metrics.port + worker if config.metrics.port else 0
+        self.server: MetricsServer | None = None
+        self.stopping = threading.Event()
+        self._next_health = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, wait_connected_s: float = 0.0) -> None:
+        self._prepare_database()
+        self.sink.start_draining()
+        if self.config.metrics.enabled:
+            self.server = MetricsServer(
+                self.metrics, self.health, self.config.metrics.host, self.metrics_port
+            )
+            self.server.start()
+        self.consumer.start(wait_connected_s)
+
+    def _prepare_database(self) -> None:
+        try:
+            self.writer.ensure_database()
+        except Exception as exc:
+            log.warning("database not ready at start (%s); writes go to the spool", exc)
+
+    def run(self) -> None:
+        """Process batches until :meth:`stop`; unacknowledged messages stay with the broker."""
+        ingest = self.config.ingest
+        while not self.stopping.is_set():
+            batch = self.consumer.take(ingest.batch_size, ingest.flush_interval_s)
+            if len(batch):
+                self.process(batch)
+            self._maybe_write_health()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        self.consumer.stop()
+        self.sink.stop()
+        if self.server is not None:
+            self.server.stop()
+
+    # -- one batch ------------------------------------------------------------------------
+    def process(self, batch: MessageBatch) -> bool:
+        """Decode, validate, store durably, dead-letter, acknowledge. False if not acked."""
+        now_ns = time.time_ns()
+        outcome = self.transform(batch, now_ns)
+        result = self._write_durably(outcome.lines)
+        if result is None:
+            return False  # stopping while the spool was full: the broker keeps the batch
+        for topic, payload in outcome.letters:
+            self.consumer.publish(topic, payload)
+        self.metrics.deadletters_published.inc(len(outcome.letters))
+        if result.rejected:
+            self._dead_letter_lines(result.rejected)
+        for kind, count in outcome.accepted.items():
+            self.metrics.accepted.labels(kind).inc(count)
+        acked = self.consumer.ack(batch)
+        self.metrics.batch_messages.observe(len(batch))
+        self.metrics.ack_lag_seconds.observe(time.monotonic() - batch.first_received)
+        return acked
+
+    def transform(self, batch: MessageBatch, now_ns: int) -> BatchOutcome:
+        """Everything between the broker and the database, with no I/O."""
+        decoded = self.decoder.decode(batch.topics, batch.payloads, now_ns)
+        self.metrics.ignored.inc(decoded.ignored)
+        outcome = BatchOutcome()
+        rejections = decoded.rejections
+        newest = 0
+        for kind, columns in decoded.columns.items():
+            good, bad = validate(columns, self.config.ingest, now_ns)
+            rejections += bad
+            outcome.lines += self.encoder.encode(good)
+            outcome.accepted["status" if kind == "status" else kind] = good.readings()
+            if len(good):
+                newest = max(newest, int(good.ts_ns.max()))
+        if newest:
+            self.metrics.event_lag_seconds.set((now_ns - newest) / 1e9)
+        for offset, rejection in enumerate(rejections):
+            self._reject(batch, rejection, now_ns, offset, outcome)
+        return outcome
+
+    def _reject(
+        self,
+        batch: MessageBatch,
+        rejection: Rejection,
+        now_ns: int,
+        offset: int,
+        outcome: BatchOutcome,
+    ) -> None:
+        self.metrics.rejected.labels(rejection.reason.value).inc()
+        letter = self.letters.letter(
+            rejection, batch.topics[rejection.index], batch.payloads[rejection.index], now_ns
+        )
+        outcome.letters.append((self.letters.topic(rejection.reason), self.letters.encode(letter)))
+        # distinct timestamps: points with equal series and time would overwrite each other
+        outcome.lines.append(self.letters.line(letter, now_ns + offset))
+
+    def _write_durably(self, lines: list[str]) -> Any:
+        while True:
+            try:
+                result = self.sink.write(lines)
+            except SpoolFull as exc:
+                self.metrics.spool_full.set(1)
+                log.error("%s: holding acknowledgements; the broker keeps the messages", exc)
+                if self.stopping.wait(SPOOL_FULL_PAUSE_S):
+                    return None
+                continue
+            self.metrics.spool_full.set(0)
+            return result
+
+    def _dead_letter_lines(self, rejected: RejectedLines) -> None:
+        """Lines the database refused (e.g. a field type conflict): dead-letter, never retry."""
+        for line, error in rejected:
+            self.metrics.rejected.labels(Reason.WRITE_REJECTED.value).inc()
+            letter = self.letters.letter(
+                Rejection(Reason.WRITE_REJECTED, error, 0),
+                "(database)",
+                line.encode(),
+                time.time_ns(),
+            )
+            self.consumer.publish(
+                self.letters.topic(Reason.WRITE_REJECTED), self.letters.encode(letter)
+            )
+            self.metrics.deadletters_published.inc()
+
+    # -- health ---------------------------------------------------------------------------
+    def _maybe_write_health(self) -> None:
+        now = time.monotonic()
+        if now < self._next_health or self.config.metrics.health_interval_s <= 0:
+            return
+        self._next_health = now + self.config.metrics.health_interval_s
+        fields: dict[str, float | int | bool | str] = dict(self.metrics.snapshot())
+        line = encode_point(
+            PIPELINE_MEASUREMENT, {"worker": self.consumer.client_id}, fields, time.time_ns()
+        )
+        self._write_durably([line])
+
+    def health(self) -> dict[str, Any]:
+        connected = self.consumer.connected.is_set()
+        spool_full = bool(self.metrics.spool_full._value.get())
+        return {
+            "healthy": connected and not spool_full,
+            "mqtt_connected": connected,
+            "database_up": self.sink.database_up,
+            "spool_records": len(self.spool),
+            "spool_bytes": self.spool.size,
+            "spool_full": spool_full,
+        }

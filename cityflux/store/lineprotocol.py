@@ -1,0 +1,142 @@
+"""InfluxDB line protocol: escaping, single points, and whole columnar batches.
+
+Escaping rules (https://docs.influxdata.com/influxdb/v1/write_protocols/line_protocol_reference/):
+measurement names escape comma and space; tag keys, tag values and field keys escape comma,
+equals sign and space; string field values escape backslash and double quote. Tag values cannot
+hold a newline at all (there is no escape for it), so the escaper refuses them; cityflux's own
+tags are ids from a strict charset, and free text goes into string fields.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from cityflux.ingest.batch import BOOL_ABSENT, Columns
+from cityflux.store.schema import MEASUREMENTS
+
+_MEASUREMENT: Final = str.maketrans({",": r"\,", " ": r"\ "})
+_KEY: Final = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ "})
+_STRING: Final = str.maketrans({"\\": "\\\\", '"': '\\"'})
+
+FieldValue = float | int | bool | str
+
+
+def _no_newline(text: str, what: str) -> str:
+    if "\n" in text or "\r" in text:
+        raise ValueError(f"{what} cannot contain a newline: {text!r}")
+    if not text:
+        raise ValueError(f"{what} cannot be empty")
+    if text.endswith("\\"):
+        raise ValueError(f"{what} cannot end with a backslash: {text!r}")
+    return text
+
+
+def escape_measurement(name: str) -> str:
+    return _no_newline(name, "measurement").translate(_MEASUREMENT)
+
+
+def escape_key(key: str) -> str:
+    """Tag keys, tag values and field keys."""
+    return _no_newline(key, "tag or field key/value").translate(_KEY)
+
+
+def escape_string_field(value: str) -> str:
+    return '"' + value.translate(_STRING) + '"'
+
+
+def format_field(value: FieldValue) -> str:
+    if isinstance(value, bool):  # before int: bool is an int
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value}i"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"InfluxDB cannot store {value!r}")
+        return repr(value)
+    return escape_string_field(value)
+
+
+def encode_point(
+    measurement: str,
+    tags: Mapping[str, str],
+    fields: Mapping[str, FieldValue],
+    ts_ns: int,
+) -> str:
+    """One line. Tags are sorted by key (InfluxDB's preferred order); empty tags are dropped."""
+    if not fields:
+        raise ValueError("a point needs at least one field")
+    tag_part = "".join(
+        f",{escape_key(key)}={escape_key(value)}" for key, value in sorted(tags.items()) if value
+    )
+    field_part = ",".join(f"{escape_key(k)}={format_field(v)}" for k, v in fields.items())
+    return f"{escape_measurement(measurement)}{tag_part} {field_part} {int(ts_ns)}"
+
+
+# -- columnar batches -------------------------------------------------------------------------
+def _fragments(key: str, column: npt.NDArray[Any]) -> list[str]:
+    """``key=value`` per row, '' where the value is absent."""
+    if column.dtype == np.float64:
+        present = (~np.isnan(column)).tolist()
+        return [
+            f"{key}={value!r}" if ok else ""
+            for value, ok in zip(column.tolist(), present, strict=True)
+        ]
+    if column.dtype == np.int8:
+        table = {1: f"{key}=true", 0: f"{key}=false", BOOL_ABSENT: ""}
+        return [table[value] for value in column.tolist()]
+    return [f"{key}={value}i" for value in column.tolist()]
+
+
+class BatchEncoder:
+    """Encodes :class:`Columns` to line protocol; series keys are cached across batches."""
+
+    def __init__(self, cache_limit: int = 1_000_000) -> None:
+        self._series: dict[tuple[str, ...], str] = {}
+        self._cache_limit = cache_limit
+
+    def _series_key(
+        self, measurement: str, tag_names: tuple[str, ...], values: tuple[str, ...]
+    ) -> str:
+        key = (measurement, *values)
+        try:
+            return self._series[key]
+        except KeyError:
+            pass
+        if len(self._series) >= self._cache_limit:
+            self._series.clear()
+        tags = dict(zip(tag_names, values, strict=True))
+        line = escape_measurement(measurement) + "".join(
+            f",{escape_key(name)}={escape_key(tags[name])}" for name in sorted(tag_names)
+        )
+        self._series[key] = line
+        return line
+
+    def encode(self, columns: Columns) -> list[str]:
+        if not len(columns):
+            return []
+        schema = MEASUREMENTS[columns.kind]
+        tag_columns = [columns.tags[name].tolist() for name in schema.tags]
+        tag_columns += [
+            [str(v) for v in columns.fields[name].tolist()] for name in schema.field_tags
+        ]
+        tag_names = schema.tags + schema.field_tags
+        prefixes = [
+            self._series_key(schema.measurement, tag_names, values)
+            for values in zip(*tag_columns, strict=True)
+        ]
+        fragments = [
+            _fragments(escape_key(name), column)
+            for name, column in columns.fields.items()
+            if name not in schema.field_tags
+        ]
+        return [
+            f"{prefix} {','.join(filter(None, row))} {ts}"
+            for prefix, row, ts in zip(
+                prefixes, zip(*fragments, strict=True), columns.ts_ns.tolist(), strict=True
+            )
+        ]

@@ -1,0 +1,170 @@
+"""The durable sink: a batch is either in the database or fsynced in the spool when
+:meth:`DurableSink.write` returns. Only then does the pipeline acknowledge MQTT messages.
+
+While the spool holds anything, new batches are appended behind it so the database receives
+them in order; a drain thread empties the spool when the database answers again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cityflux.errors import WriteRejected, WriteRetryable
+from cityflux.observability import Metrics
+from cityflux.store.influx import InfluxWriter, backoff
+from cityflux.store.spool import Spool, SpoolRecord
+
+RejectedLines = list[tuple[str, str]]  # (line, the database's error message)
+
+
+@dataclass(slots=True)
+class SinkResult:
+    written: int = 0
+    spooled: int = 0
+    rejected: RejectedLines = field(default_factory=list)
+
+    def add(self, other: SinkResult) -> None:
+        self.written += other.written
+        self.spooled += other.spooled
+        self.rejected += other.rejected
+
+
+class DurableSink:
+    def __init__(
+        self,
+        writer: InfluxWriter,
+        spool: Spool,
+        metrics: Metrics,
+        on_rejected: Callable[[RejectedLines], None] | None = None,
+    ) -> None:
+        self.writer = writer
+        self.spool = spool
+        self.metrics = metrics
+        self.on_rejected = on_rejected  # for lines refused while draining the spool
+        self.database_up = True
+        self._appended = threading.Event()
+        self._stop = threading.Event()
+        self._drainer: threading.Thread | None = None
+
+    # -- the ingest side --------------------------------------------------------------------
+    def write(self, lines: list[str]) -> SinkResult:
+        """Durable on return (written or spooled). Raises SpoolFull for back-pressure."""
+        if not lines:
+            return SinkResult()
+        body = self.writer.encode_body(lines)
+        if not self.spool.empty:
+            return self._to_spool(body, len(lines))
+        try:
+            with self.metrics.write_seconds.time():
+                self.writer.send_with_retry(body, self.writer.gzip)
+        except WriteRetryable:
+            self._mark_database(False)
+            return self._to_spool(body, len(lines))
+        except WriteRejected as exc:
+            return self._bisect(lines, exc.message)
+        self._mark_database(True)
+        self.metrics.lines_written.inc(len(lines))
+        return SinkResult(written=len(lines))
+
+    def _to_spool(self, body: bytes, count: int) -> SinkResult:
+        self.spool.append(body, self.writer.gzip)
+        self.metrics.lines_spooled.inc(count)
+        self._update_spool_gauges()
+        self._appended.set()
+        return SinkResult(spooled=count)
+
+    def _bisect(self, lines: list[str], error: str) -> SinkResult:
+        """Find the lines the database refuses by halving; write or spool the rest.
+
+        Re-sending lines that a partial write already stored is harmless (same series and
+        timestamp overwrite themselves), so halves are simply sent again.
+        """
+        if len(lines) == 1:
+            return SinkResult(rejected=[(lines[0], error)])
+        result = SinkResult()
+        middle = len(lines) // 2
+        for half in (lines[:middle], lines[middle:]):
+            body = self.writer.encode_body(half)
+            try:
+                self.writer.send_with_retry(body, self.writer.gzip)
+                self.metrics.lines_written.inc(len(half))
+                result.written += len(half)
+            except WriteRejected as exc:
+                result.add(self._bisect(half, exc.message))
+            except WriteRetryable:
+                result.add(self._to_spool(body, len(half)))
+        return result
+
+    # -- the drain side -----------------------------------------------------------------------
+    def start_draining(self) -> None:
+        self._drainer = threading.Thread(target=self._drain_loop, name="spool-drain", daemon=True)
+        self._drainer.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._appended.set()
+        if self._drainer is not None:
+            self._drainer.join(timeout=10)
+        self.writer.close()
+
+    def drain_once(self) -> bool:
+        """Move the oldest spooled record to the database; False if there was none or it failed."""
+        record = self.spool.peek()
+        if record is None:
+            return False
+        try:
+            self.writer.send(record.body, record.gzip)
+        except WriteRetryable:
+            self._mark_database(False)
+            return False
+        except WriteRejected as exc:
+            self._drain_rejected(record, exc.message)
+        else:
+            self.metrics.lines_written.inc(_line_count(record))
+        self._mark_database(True)
+        self.spool.commit(record)
+        self._update_spool_gauges()
+        return True
+
+    def _drain_rejected(self, record: SpoolRecord, error: str) -> None:
+        result = self._bisect(_lines(record), error)
+        if result.rejected and self.on_rejected is not None:
+            self.on_rejected(result.rejected)
+
+    def _drain_loop(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            if self.spool.empty:
+                self._appended.wait(0.5)
+                self._appended.clear()
+                attempt = 0
+                continue
+            if self.drain_once():
+                attempt = 0
+                continue
+            attempt += 1
+            delay = backoff(
+                attempt, self.writer.config.retry_base_s, self.writer.config.retry_max_s
+            )
+            self._stop.wait(max(delay, 0.05))
+
+    def _mark_database(self, up: bool) -> None:
+        self.database_up = up
+        self.metrics.database_up.set(1 if up else 0)
+
+    def _update_spool_gauges(self) -> None:
+        self.metrics.spool_bytes.set(self.spool.size)
+        self.metrics.spool_records.set(len(self.spool))
+
+
+def _lines(record: SpoolRecord) -> list[str]:
+    body = gzip.decompress(record.body) if record.gzip else record.body
+    return body.decode("utf-8").split("\n")
+
+
+def _line_count(record: SpoolRecord) -> int:
+    body = gzip.decompress(record.body) if record.gzip else record.body
+    return body.count(b"\n") + 1
