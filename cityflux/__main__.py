@@ -1,0 +1,5 @@
+"""python -m cityflux"""
+
+from cityflux.cli import main
+
+main()

@@ -1,0 +1,182 @@
+"""The ``cityflux`` command (also ``python -m cityflux``)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.logging import RichHandler
+from rich.table import Table
+
+from cityflux.config import Config, load_config
+from cityflux.errors import CityfluxError
+from cityflux.ingest.pipeline import Pipeline
+from cityflux.servers import LocalInfluxDB, LocalMosquitto
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML file (default: $CITYFLUX_CONFIG)")
+]
+SECRETS = ("password", "token")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+def _load(path: Path | None) -> Config:
+    try:
+        return load_config(path)
+    except CityfluxError as exc:
+        console.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _masked(config: Config) -> object:
+    def mask(node: object) -> object:
+        if isinstance(node, dict):
+            return {k: ("***" if k in SECRETS and v else mask(v)) for k, v in node.items()}
+        return node
+
+    return mask(msgspec.to_builtins(config))
+
+
+@app.command("check-config")
+def check_config(config: ConfigOption = None) -> None:
+    """Validate the configuration and print the effective values (secrets masked)."""
+    loaded = _load(config)
+    console.print_json(msgspec.json.encode(_masked(loaded)).decode())
+    console.print("[green]configuration is valid[/]")
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    workers: Annotated[int, typer.Option(help="worker processes sharing the subscription")] = 1,
+    worker_index: Annotated[int, typer.Option(hidden=True)] = -1,
+    verbose: bool = False,
+) -> None:
+    """Ingest: MQTT -> validate -> InfluxDB, until SIGINT/SIGTERM."""
+    _setup_logging(verbose)
+    loaded = _load(config)
+    if workers > 1 and worker_index < 0:
+        raise typer.Exit(_supervise(config, workers, verbose))
+    pipeline = Pipeline(loaded, max(worker_index, 0), workers)
+    _run_until_signal(pipeline)
+
+
+def _run_until_signal(pipeline: Pipeline) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        pipeline.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        pipeline.start()
+        pipeline.run()
+    except CityfluxError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    finally:
+        pipeline.close()
+
+
+def _supervise(config: Path | None, workers: int, verbose: bool) -> int:
+    """Start one process per worker; stop them all on a signal; restart none (systemd does)."""
+    base = [sys.executable, "-m", "cityflux", "run", "--workers", str(workers)]
+    if config is not None:
+        base += ["--config", str(config)]
+    if verbose:
+        base.append("--verbose")
+    children = [subprocess.Popen([*base, "--worker-index", str(i)]) for i in range(workers)]
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for child in children:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path, typer.Option(help="where the local servers keep data")] = Path(
+        "var/local"
+    ),
+    duration: Annotated[float, typer.Option(help="stop after this many seconds (0: never)")] = 0,
+) -> None:
+    """Start a local mosquitto and InfluxDB, and ingest from one into the other."""
+    _setup_logging(False)
+    with ExitStack() as stack:
+        broker = stack.enter_context(LocalMosquitto(data_dir / "mosquitto"))
+        influx = stack.enter_context(LocalInfluxDB(data_dir / "influxdb"))
+        config = _load(None).with_overrides(
+            {"mqtt.url": broker.url, "influx.url": influx.url, "influx.api": "v1",
+             "spool.dir": str(data_dir / "spool")}
+        )
+        pipeline = Pipeline(config)
+        pipeline.start(wait_connected_s=10)
+        stack.callback(pipeline.close)
+        console.print(
+            f"[bold]cityflux is up[/]: broker {broker.url}, InfluxDB {influx.url} "
+            f"(database {config.influx.database}), metrics "
+            f"http://127.0.0.1:{pipeline.metrics_port}/metrics\n"
+            f"publish:  mosquitto_pub -p {broker.port} -q 1 -t "
+            "cityflux/v1/centre/pole/pole-1 -m '{\"ts\": "
+            f"{time.time_ns() // 1_000_000}, \"pm25_ugm3\": 12.5}}'\n"
+            f"query:    curl -G {influx.url}/query --data-urlencode db=cityflux "
+            "--data-urlencode 'q=SELECT * FROM pole'"
+        )
+        _run_with_status(pipeline, duration)
+
+
+def _run_with_status(pipeline: Pipeline, duration: float) -> None:
+    import threading
+
+    worker = threading.Thread(target=pipeline.run, name="pipeline", daemon=True)
+    signal.signal(signal.SIGTERM, lambda s, f: pipeline.stop())
+    worker.start()
+    deadline = time.monotonic() + duration if duration else float("inf")
+    try:
+        with Live(_status_table(pipeline), console=console, refresh_per_second=2) as live:
+            while worker.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.5)
+                live.update(_status_table(pipeline))
+    except KeyboardInterrupt:
+        pass
+    pipeline.stop()
+    worker.join(timeout=10)
+
+
+def _status_table(pipeline: Pipeline) -> Table:
+    values = pipeline.metrics.snapshot()
+    table = Table(title="cityflux ingest", show_header=False)
+    for key in ("messages_received_total", "messages_acked_total", "lines_written_total",
+                "lines_spooled_total", "spool_records", "database_up", "mqtt_connected"):
+        table.add_row(key, f"{values.get(key, 0):,.0f}")
+    for key, value in sorted(values.items()):
+        if key.startswith(("readings_accepted_total.", "rejections_total.")) and value:
+            table.add_row(key, f"{value:,.0f}")
+    return table
+
+
+def main() -> None:
+    app()
