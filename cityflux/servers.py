@@ -8,6 +8,7 @@ binary raises :class:`ServerError` naming the package to install: never a silent
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -31,6 +32,7 @@ INSTALL_HINT = "apt-get install -y mosquitto mosquitto-clients influxdb victoria
 MOSQUITTO_CONF = """\
 listener {port} 127.0.0.1
 allow_anonymous true
+user {user}
 persistence true
 persistence_location {data_dir}/
 autosave_interval 5
@@ -212,6 +214,9 @@ class LocalMosquitto(LocalServer):
                 log_file=self.log_file,
                 max_inflight=self.max_inflight,
                 max_queued=self.max_queued,
+                # run as: started by root, mosquitto would switch to user "mosquitto", which
+                # cannot write to a private temporary directory
+                user=getpass.getuser(),
             )
         )
         return [binary, "-c", str(conf)]

@@ -104,7 +104,7 @@ def select(writer: InfluxWriter, influxql: str) -> list[dict[str, Any]]:
             for values in series["values"]:
                 row = dict(zip(series["columns"], values, strict=True))
                 row.update(series.get("tags", {}))
-                row["_measurement"] = series["name"]
+                row["_measurement"] = series.get("name", "")
                 rows.append(row)
     return rows
 

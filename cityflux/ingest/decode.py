@@ -34,6 +34,7 @@ from cityflux.ingest.timestamps import to_epoch_ns
 from cityflux.ingest.topics import DeviceTopic, TopicParser, TopicRejection
 
 _REASON_WORDS = (("out of range", Reason.OUT_OF_RANGE),)
+NUMBER_OUT_OF_RANGE = object()  # what _generic_json returns for 1e400: JSON, but not a float
 
 
 @dataclass(slots=True)
@@ -218,6 +219,8 @@ def _generic_json(payload: bytes) -> Any:
         )
     try:
         return msgspec.json.decode(payload)
+    except msgspec.ValidationError:  # valid JSON, but a number too large for a float
+        return NUMBER_OUT_OF_RANGE
     except msgspec.DecodeError as exc:
         return Rejection(Reason.INVALID_JSON, f"{exc} (NaN and Infinity are not JSON)", -1)
     except RecursionError:

@@ -131,6 +131,8 @@ class Pipeline:
                 newest = max(newest, int(good.ts_ns.max()))
         if newest:
             self.metrics.event_lag_seconds.set((now_ns - newest) / 1e9)
+        # dead letters in the order their messages arrived
+        rejections.sort(key=lambda r: (r.index, -1 if r.reading is None else r.reading))
         for offset, rejection in enumerate(rejections):
             self._reject(batch, rejection, now_ns, offset, outcome)
         return outcome
