@@ -40,7 +40,9 @@ def mosquitto_pub(port: int, topic: str, payload: bytes | str, qos: int = 1) -> 
     data = payload.encode() if isinstance(payload, str) else payload
     subprocess.run(
         [require_binary("mosquitto_pub"), "-p", str(port), "-q", str(qos), "-t", topic, "-s"],
-        input=data, check=True, timeout=20,
+        input=data,
+        check=True,
+        timeout=20,
     )
 
 
@@ -135,8 +137,9 @@ def config_env(config: Config) -> dict[str, str]:
         for key, value in values.items():
             if value is None or isinstance(value, dict):
                 continue
-            env[f"CITYFLUX_{section.upper()}__{key.upper()}"] = str(value).lower() if isinstance(
-                value, bool) else str(value)
+            env[f"CITYFLUX_{section.upper()}__{key.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
     return env
 
 
@@ -144,5 +147,8 @@ def start_ingest_process(config: Config, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as handle:
         return subprocess.Popen(
             [sys.executable, "-m", "cityflux", "run"],
-            env=config_env(config), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=config_env(config),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )

@@ -41,8 +41,11 @@ def expected_rows(topic: str, payload: str) -> list[dict[str, Any]]:
     rows = []
     for reading in readings if isinstance(readings, list) else [readings]:
         base = {"time": expected_ns(reading), "district": district, "device_id": device_id}
-        fields = {k: v for k, v in reading.items()
-                  if k not in {"ts", "ts_ns", "device_id", "kind", "lanes"} and v is not None}
+        fields = {
+            k: v
+            for k, v in reading.items()
+            if k not in {"ts", "ts_ns", "device_id", "kind", "lanes"} and v is not None
+        }
         if kind != "traffic":
             rows.append(base | fields)
             continue
@@ -69,8 +72,7 @@ def test_field_tables_match_the_code() -> None:
             for cells in rows
         ]
         coded = [
-            (s.name, s.type, s.unit,
-             "-" if s.low is None else f"{s.low:g} to {s.high:g}")
+            (s.name, s.type, s.unit, "-" if s.low is None else f"{s.low:g} to {s.high:g}")
             for s in specs
         ]
         assert documented == coded, kind
@@ -84,16 +86,19 @@ def test_every_example_lands_exactly(
         for topic, payload in EXAMPLES:
             mosquitto_pub(broker.port, topic, payload)
         total = sum(len(expected_rows(t, p)) for t, p in readings)
-        wait_for(lambda: pipeline.metrics.lines_written._value.get() >= total + 2,
-                 what="all example points written")
+        wait_for(
+            lambda: pipeline.metrics.lines_written._value.get() >= total + 2,
+            what="all example points written",
+        )
         rejected = pipeline.metrics.rejected_total()
     assert rejected == 0
     for topic, payload in readings:
         kind, device_id = topic.split("/")[3:5]
         stored = select(db, f"SELECT * FROM {MEASUREMENT[kind]} WHERE device_id = '{device_id}'")
         for want in expected_rows(topic, payload):
-            matches = [r for r in stored if r["time"] == want["time"]
-                       and r.get("lane") == want.get("lane")]
+            matches = [
+                r for r in stored if r["time"] == want["time"] and r.get("lane") == want.get("lane")
+            ]
             assert len(matches) == 1, (topic, want, stored)
             got = {k: v for k, v in matches[0].items() if v is not None and k != "_measurement"}
             assert got == want
@@ -104,8 +109,10 @@ def test_status_examples_land(broker: LocalMosquitto, config: Config, db: Influx
         for topic, payload in EXAMPLES:
             if topic.endswith("/status"):
                 mosquitto_pub(broker.port, topic, payload)
-        rows = wait_for(lambda: len(r := select(db, "SELECT * FROM device_status")) >= 2 and r,
-                        what="status points")
+        rows = wait_for(
+            lambda: len(r := select(db, "SELECT * FROM device_status")) >= 2 and r,
+            what="status points",
+        )
     by_device = {row["device_id"]: row for row in rows}
     assert by_device["pole-0001"]["online"] is True
     assert by_device["pole-0001"]["time"] == 1795570800000 * 1_000_000

@@ -47,8 +47,10 @@ def test_kill_9_during_publishing_loses_nothing(
     config = config.with_overrides({"metrics.port": free_port()})
     process = start_ingest_process(config, log)
     try:
-        wait_for(lambda: count_points(db, "cityflux_pipeline", "messages_received_total"),
-                 what="ingest up (first health point)")
+        wait_for(
+            lambda: count_points(db, "cityflux_pipeline", "messages_received_total"),
+            what="ingest up (first health point)",
+        )
         publisher = publish_in_background(broker.port, readings(n))
         wait_for(lambda: count_points(db, "pole", "pm25_ugm3") > n // 10, what="some ingested")
         process.kill()  # SIGKILL: no chance to flush or ack anything in hand
@@ -57,8 +59,9 @@ def test_kill_9_during_publishing_loses_nothing(
         process = start_ingest_process(config, log)
         publisher.join(120)
         assert not publisher.is_alive()
-        wait_for(lambda: count_points(db, "pole", "pm25_ugm3") >= n, timeout=120,
-                 what=f"{n} points")
+        wait_for(
+            lambda: count_points(db, "pole", "pm25_ugm3") >= n, timeout=120, what=f"{n} points"
+        )
         time.sleep(1.0)  # would anything extra arrive?
         assert count_points(db, "pole", "pm25_ugm3") == n
         assert landed_before_restart < n, "the kill came too late to test anything"
@@ -75,9 +78,7 @@ def own_influxdb(tmp_path: Path) -> Iterator[LocalInfluxDB]:
 
 
 def _own_db_config(config: Config, influx: LocalInfluxDB, **overrides: object) -> Config:
-    return config.with_overrides(
-        {"influx.url": influx.url, "influx.retry_max_s": 0.2, **overrides}
-    )
+    return config.with_overrides({"influx.url": influx.url, "influx.retry_max_s": 0.2, **overrides})
 
 
 def test_influxdb_outage_under_load_goes_through_the_spool(
@@ -95,8 +96,7 @@ def test_influxdb_outage_under_load_goes_through_the_spool(
         spooled = pipeline.metrics.lines_spooled._value.get()
         own_influxdb.start()
         wait_for(lambda: pipeline.spool.empty, timeout=60, what="spool drained")
-        wait_for(lambda: count_points(db, "pole", "pm25_ugm3") >= n, timeout=60,
-                 what=f"{n} points")
+        wait_for(lambda: count_points(db, "pole", "pm25_ugm3") >= n, timeout=60, what=f"{n} points")
         acked = pipeline.metrics.acked._value.get()
     assert count_points(db, "pole", "pm25_ugm3") == n
     assert spooled > 1_000
@@ -108,8 +108,9 @@ def test_full_spool_holds_acks_and_the_broker_keeps_the_rest(
 ) -> None:
     n = 6_000
     config = _own_db_config(
-        config, own_influxdb, **{"spool.max_bytes": 20_000, "spool.segment_bytes": 5_000,
-                                 "ingest.batch_size": 200}
+        config,
+        own_influxdb,
+        **{"spool.max_bytes": 20_000, "spool.segment_bytes": 5_000, "ingest.batch_size": 200},
     )
     db = InfluxWriter(config.influx)
     db.ensure_database()
@@ -120,8 +121,7 @@ def test_full_spool_holds_acks_and_the_broker_keeps_the_rest(
         held = n - pipeline.metrics.acked._value.get()
         healthz = pipeline.health()
         own_influxdb.start()
-        wait_for(lambda: count_points(db, "pole", "pm25_ugm3") >= n, timeout=90,
-                 what=f"{n} points")
+        wait_for(lambda: count_points(db, "pole", "pm25_ugm3") >= n, timeout=90, what=f"{n} points")
         assert pipeline.metrics.spool_full._value.get() == 0
     assert held > 0  # back-pressure: messages stayed unacknowledged with the broker
     assert healthz["spool_full"] is True and healthz["healthy"] is False

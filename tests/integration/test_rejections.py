@@ -23,8 +23,13 @@ HOSTILE: list[tuple[str, str, bytes, Reason, int | None]] = [
     ("not utf-8", POLE, b'{"ts": 1, "pm25_ugm3": "\xff\xfe"}', Reason.INVALID_UTF8, None),
     ("truncated json", POLE, b'{"ts": 1, "pm25_ugm3": 1', Reason.INVALID_JSON, None),
     ("NaN", POLE, f'{{"ts": {NOW_MS}, "pm25_ugm3": NaN}}'.encode(), Reason.INVALID_JSON, None),
-    ("Infinity", POLE, f'{{"ts": {NOW_MS}, "pm25_ugm3": Infinity}}'.encode(),
-     Reason.INVALID_JSON, None),
+    (
+        "Infinity",
+        POLE,
+        f'{{"ts": {NOW_MS}, "pm25_ugm3": Infinity}}'.encode(),
+        Reason.INVALID_JSON,
+        None,
+    ),
     ("trailing garbage", POLE, GOOD + b"}{", Reason.INVALID_JSON, None),
     ("deeply nested", POLE, b"[" * 100_000 + b"]" * 100_000, Reason.INVALID_JSON, None),
     ("10 MB", POLE, b'{"ts": 1, "x": "' + b"a" * 10_000_000 + b'"}', Reason.TOO_LARGE, None),
@@ -39,29 +44,61 @@ HOSTILE: list[tuple[str, str, bytes, Reason, int | None]] = [
     ("mistyped", POLE, f'{{"ts": {NOW_MS}, "pm25_ugm3": "high"}}'.encode(), Reason.SCHEMA, None),
     ("unknown field", POLE, f'{{"ts": {NOW_MS}, "pm2_5": 3.0}}'.encode(), Reason.SCHEMA, None),
     ("no measurement", POLE, f'{{"ts": {NOW_MS}}}'.encode(), Reason.SCHEMA, 0),
-    ("missing interval", "cityflux/v1/centre/traffic/det-0001",
-     f'{{"ts": {NOW_MS}, "lanes": [{{"lane": 1, "count": 1, "occupancy_pct": 1}}]}}'.encode(),
-     Reason.SCHEMA, None),
+    (
+        "missing interval",
+        "cityflux/v1/centre/traffic/det-0001",
+        f'{{"ts": {NOW_MS}, "lanes": [{{"lane": 1, "count": 1, "occupancy_pct": 1}}]}}'.encode(),
+        Reason.SCHEMA,
+        None,
+    ),
     ("scalar", POLE, b"42", Reason.SCHEMA, None),
-    ("out of range", POLE, f'{{"ts": {NOW_MS}, "pm25_ugm3": 1500}}'.encode(),
-     Reason.OUT_OF_RANGE, 0),
-    ("too big a number", POLE, f'{{"ts": {NOW_MS}, "pm25_ugm3": 1e400}}'.encode(),
-     Reason.OUT_OF_RANGE, None),
-    ("count over capacity", "cityflux/v1/centre/traffic/det-0001",
-     f'{{"ts": {NOW_MS}, "interval_s": 60, "lanes": [{{"lane": 1, "count": 61, '
-     f'"occupancy_pct": 50}}]}}'.encode(), Reason.OUT_OF_RANGE, 0),
-    ("future", POLE, f'{{"ts": {NOW_MS + 86_400_000}, "pm25_ugm3": 1}}'.encode(),
-     Reason.BAD_TIMESTAMP, 0),
+    (
+        "out of range",
+        POLE,
+        f'{{"ts": {NOW_MS}, "pm25_ugm3": 1500}}'.encode(),
+        Reason.OUT_OF_RANGE,
+        0,
+    ),
+    (
+        "too big a number",
+        POLE,
+        f'{{"ts": {NOW_MS}, "pm25_ugm3": 1e400}}'.encode(),
+        Reason.OUT_OF_RANGE,
+        None,
+    ),
+    (
+        "count over capacity",
+        "cityflux/v1/centre/traffic/det-0001",
+        f'{{"ts": {NOW_MS}, "interval_s": 60, "lanes": [{{"lane": 1, "count": 61, '
+        f'"occupancy_pct": 50}}]}}'.encode(),
+        Reason.OUT_OF_RANGE,
+        0,
+    ),
+    (
+        "future",
+        POLE,
+        f'{{"ts": {NOW_MS + 86_400_000}, "pm25_ugm3": 1}}'.encode(),
+        Reason.BAD_TIMESTAMP,
+        0,
+    ),
     ("epoch zero", POLE, b'{"ts": 1, "pm25_ugm3": 1}', Reason.BAD_TIMESTAMP, 0),
     ("no timestamp", POLE, b'{"pm25_ugm3": 1}', Reason.BAD_TIMESTAMP, 0),
-    ("unreadable timestamp", POLE, b'{"ts": "yesterday", "pm25_ugm3": 1}',
-     Reason.BAD_TIMESTAMP, 0),
+    ("unreadable timestamp", POLE, b'{"ts": "yesterday", "pm25_ugm3": 1}', Reason.BAD_TIMESTAMP, 0),
     ("float timestamp", POLE, b'{"ts": 1795570800000.5, "pm25_ugm3": 1}', Reason.SCHEMA, None),
-    ("other device", POLE,
-     f'{{"ts": {NOW_MS}, "pm25_ugm3": 1, "device_id": "a b,c=d\\"e\\nf"}}'.encode(),
-     Reason.MISMATCH, 0),
-    ("pole payload on a manhole topic", "cityflux/v1/centre/manhole/mh-0001", GOOD,
-     Reason.MISMATCH, None),
+    (
+        "other device",
+        POLE,
+        f'{{"ts": {NOW_MS}, "pm25_ugm3": 1, "device_id": "a b,c=d\\"e\\nf"}}'.encode(),
+        Reason.MISMATCH,
+        0,
+    ),
+    (
+        "pole payload on a manhole topic",
+        "cityflux/v1/centre/manhole/mh-0001",
+        GOOD,
+        Reason.MISMATCH,
+        None,
+    ),
 ]
 
 
@@ -75,15 +112,19 @@ def test_every_rejection_is_dead_lettered_counted_and_harmless(
             publish_all(broker.port, [(POLE, GOOD)])  # the pipeline still works afterwards
             wait_for(lambda: len(watcher.messages) >= len(HOSTILE), what="dead letters")
             wait_for(lambda: select(db, "SELECT * FROM pole"), what="the good reading")
-            counted = {r.value: pipeline.metrics.rejected.labels(r.value)._value.get()
-                       for r in Reason}
+            counted = {
+                r.value: pipeline.metrics.rejected.labels(r.value)._value.get() for r in Reason
+            }
     finally:
         watcher.close()
     letters = watcher.decoded()
     assert len(letters) == len(HOSTILE)
     for (case, topic, payload, reason, reading), letter in zip(HOSTILE, letters, strict=True):
         assert (letter["reason"], letter["topic"], letter["reading"]) == (
-            reason.value, topic, reading), case
+            reason.value,
+            topic,
+            reading,
+        ), case
         assert letter["message"], case
         assert letter["payload_bytes"] == len(payload), case
         assert letter["truncated"] == (len(payload) > 1024), case
@@ -115,8 +156,10 @@ def test_one_bad_reading_rejects_that_reading_only(
         with running(Pipeline(config)):
             publish_all(broker.port, [(POLE, batch.encode())])
             wait_for(lambda: len(watcher.messages) >= 2, what="two dead letters")
-            rows = wait_for(lambda: len(r := select(db, "SELECT * FROM pole")) >= 2 and r,
-                            what="the two good readings")
+            rows = wait_for(
+                lambda: len(r := select(db, "SELECT * FROM pole")) >= 2 and r,
+                what="the two good readings",
+            )
     finally:
         watcher.close()
     assert [row["pm25_ugm3"] for row in rows] == [1.0, 3.0]
