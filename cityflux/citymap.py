@@ -91,8 +91,14 @@ def check_city_map(city: CityMap) -> list[str]:
     problems: list[str] = []
     districts = {d.id for d in city.districts}
     segments = {s.id: s for s in city.segments}
-    for group in (city.districts, city.segments, city.detectors, city.poles, city.manholes):
-        ids = [item.id for item in group]
+    groups: list[list[str]] = [
+        [d.id for d in city.districts],
+        [s.id for s in city.segments],
+        [d.id for d in city.detectors],
+        [p.id for p in city.poles],
+        [m.id for m in city.manholes],
+    ]
+    for ids in groups:
         problems += [f"duplicate id {i!r}" for i in sorted({i for i in ids if ids.count(i) > 1})]
     for seg in city.segments:
         if seg.district not in districts:
@@ -108,7 +114,8 @@ def check_city_map(city: CityMap) -> list[str]:
             problems.append(f"detector {det.id}: position {det.position_m} outside the segment")
         elif det.direction == "reverse" and seg.oneway:
             problems.append(f"detector {det.id}: reverse direction on a one-way segment")
-    for item in (*city.poles, *city.manholes):
+    placed: list[Pole | Manhole] = [*city.poles, *city.manholes]
+    for item in placed:
         if item.district not in districts:
             problems.append(f"{item.id}: unknown district {item.district!r}")
     return problems

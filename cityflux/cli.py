@@ -129,8 +129,12 @@ def up(
         broker = stack.enter_context(LocalMosquitto(data_dir / "mosquitto"))
         influx = stack.enter_context(LocalInfluxDB(data_dir / "influxdb"))
         config = _load(None).with_overrides(
-            {"mqtt.url": broker.url, "influx.url": influx.url, "influx.api": "v1",
-             "spool.dir": str(data_dir / "spool")}
+            {
+                "mqtt.url": broker.url,
+                "influx.url": influx.url,
+                "influx.api": "v1",
+                "spool.dir": str(data_dir / "spool"),
+            }
         )
         pipeline = Pipeline(config)
         pipeline.start(wait_connected_s=10)
@@ -140,8 +144,8 @@ def up(
             f"(database {config.influx.database}), metrics "
             f"http://127.0.0.1:{pipeline.metrics_port}/metrics\n"
             f"publish:  mosquitto_pub -p {broker.port} -q 1 -t "
-            "cityflux/v1/centre/pole/pole-1 -m '{\"ts\": "
-            f"{time.time_ns() // 1_000_000}, \"pm25_ugm3\": 12.5}}'\n"
+            'cityflux/v1/centre/pole/pole-1 -m \'{"ts": '
+            f'{time.time_ns() // 1_000_000}, "pm25_ugm3": 12.5}}\'\n'
             f"query:    curl -G {influx.url}/query --data-urlencode db=cityflux "
             "--data-urlencode 'q=SELECT * FROM pole'"
         )
@@ -169,8 +173,15 @@ def _run_with_status(pipeline: Pipeline, duration: float) -> None:
 def _status_table(pipeline: Pipeline) -> Table:
     values = pipeline.metrics.snapshot()
     table = Table(title="cityflux ingest", show_header=False)
-    for key in ("messages_received_total", "messages_acked_total", "lines_written_total",
-                "lines_spooled_total", "spool_records", "database_up", "mqtt_connected"):
+    for key in (
+        "messages_received_total",
+        "messages_acked_total",
+        "lines_written_total",
+        "lines_spooled_total",
+        "spool_records",
+        "database_up",
+        "mqtt_connected",
+    ):
         table.add_row(key, f"{values.get(key, 0):,.0f}")
     for key, value in sorted(values.items()):
         if key.startswith(("readings_accepted_total.", "rejections_total.")) and value:

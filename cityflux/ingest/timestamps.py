@@ -9,6 +9,7 @@ from __future__ import annotations
 import calendar
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Final
 
 import numpy as np
@@ -31,7 +32,9 @@ def parse_rfc3339(text: str) -> int | None:
     if match is None:
         return None
     year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
-    if not (1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59 and second <= 60):
+    try:  # validates the calendar (no 30 February); a leap second 60 is allowed
+        datetime(year, month, day, hour, minute, min(second, 59))
+    except ValueError:
         return None
     fraction = (match.group(7) or "").ljust(9, "0")
     offset_s = 0

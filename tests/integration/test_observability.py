@@ -40,8 +40,10 @@ def get(url: str) -> tuple[int, str]:
 def test_metrics_healthz_and_health_points(
     broker: LocalMosquitto, config: Config, db: InfluxWriter
 ) -> None:
-    good = [("cityflux/v1/d1/pole/p1", f'{{"ts": {NOW_MS + i}, "noise_dba": 50}}'.encode())
-            for i in range(30)]
+    good = [
+        ("cityflux/v1/d1/pole/p1", f'{{"ts": {NOW_MS + i}, "noise_dba": 50}}'.encode())
+        for i in range(30)
+    ]
     bad = [("cityflux/v1/d1/pole/p1", b"not json")] * 3
     with running(Pipeline(config)) as pipeline:
         assert pipeline.server is not None
@@ -52,8 +54,11 @@ def test_metrics_healthz_and_health_points(
         health_status, health = get(f"{base}/healthz")
         missing_status = get(f"{base}/nowhere")[0]
         rows = wait_for(
-            lambda: [r for r in select(db, "SELECT * FROM cityflux_pipeline")
-                     if r["readings_accepted_total.pole"] == 30.0],
+            lambda: [
+                r
+                for r in select(db, "SELECT * FROM cityflux_pipeline")
+                if r["readings_accepted_total.pole"] == 30.0
+            ],
             what="a health point with the counts",
         )
     assert status == 200
@@ -76,20 +81,29 @@ def test_workers_share_the_subscription(
     log = (tmp_path / "workers.log").open("wb")
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "cityflux", "run", "--workers", "2"],
-        env=config_env(config), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        env=config_env(config),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
     )
     try:
         ports = [config.metrics.port, config.metrics.port + 1]
-        wait_for(lambda: all(get(f"http://127.0.0.1:{p}/healthz")[0] == 200 for p in ports),
-                 what="both workers healthy")
-        publish_all(broker.port, [
-            (f"cityflux/v1/d1/pole/p{i % 20}", f'{{"ts": {NOW_MS + i}, "noise_dba": 50}}'.encode())
-            for i in range(n)
-        ])
+        wait_for(
+            lambda: all(get(f"http://127.0.0.1:{p}/healthz")[0] == 200 for p in ports),
+            what="both workers healthy",
+        )
+        publish_all(
+            broker.port,
+            [
+                (
+                    f"cityflux/v1/d1/pole/p{i % 20}",
+                    f'{{"ts": {NOW_MS + i}, "noise_dba": 50}}'.encode(),
+                )
+                for i in range(n)
+            ],
+        )
         wait_for(lambda: count_points(db, "pole", "noise_dba") >= n, what="all points")
-        per_worker = [
-            _accepted(get(f"http://127.0.0.1:{port}/metrics")[1]) for port in ports
-        ]
+        per_worker = [_accepted(get(f"http://127.0.0.1:{port}/metrics")[1]) for port in ports]
     finally:
         supervisor.terminate()
         supervisor.wait(20)

@@ -26,13 +26,21 @@ def test_pipeline_writes_through_the_v2_api(
     broker: LocalMosquitto, config: Config, victoria: LocalVictoriaMetrics
 ) -> None:
     config = config.with_overrides(
-        {"influx.url": victoria.url, "influx.api": "v2", "influx.token": "secret",
-         "influx.bucket": "city", "influx.org": "ops", "metrics.health_interval_s": 0}
+        {
+            "influx.url": victoria.url,
+            "influx.api": "v2",
+            "influx.token": "secret",
+            "influx.bucket": "city",
+            "influx.org": "ops",
+            "metrics.health_interval_s": 0,
+        }
     )
     device = f"pole-v2-{NOW_MS}"
     payloads = [
-        (f"cityflux/v1/centre/pole/{device}",
-         f'{{"ts": {NOW_MS + i}, "pm25_ugm3": {i}.25, "lamp_on": true}}'.encode())
+        (
+            f"cityflux/v1/centre/pole/{device}",
+            f'{{"ts": {NOW_MS + i}, "pm25_ugm3": {i}.25, "lamp_on": true}}'.encode(),
+        )
         for i in range(100)
     ]
     with running(Pipeline(config)) as pipeline:

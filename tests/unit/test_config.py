@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cityflux.config import Config, load_config
+from cityflux.errors import ConfigError
+
+
+def test_defaults_work_locally() -> None:
+    config = load_config(environ={})
+    assert config == Config()
+    assert (config.mqtt.host, config.mqtt.port) == ("127.0.0.1", 1883)
+
+
+def test_file_then_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[mqtt]\nurl = "mqtts://broker.city:8884"\n[ingest]\nbatch_size = 100\n')
+    config = load_config(
+        path, environ={"CITYFLUX_INGEST__BATCH_SIZE": "250", "CITYFLUX_INFLUX__GZIP": "false"}
+    )
+    assert config.mqtt.port == 8884
+    assert config.ingest.batch_size == 250
+    assert config.influx.gzip is False
+
+
+@pytest.mark.parametrize(
+    ("toml", "environ", "message"),
+    [
+        ("[mqtt]\nurl = 'http://x'\n", {}, "mqtt.url"),
+        ("[ingest]\nbatch_sise = 1\n", {}, "batch_sise"),
+        ("", {"CITYFLUX_INGEST__BATCH_SIZE": "many"}, "batch_size"),
+        ("", {"CITYFLUX_INGEST__BATCH_SIZE": "50000"}, "receive_maximum"),
+        ("[influx]\napi = 'v2'\n", {}, "token"),
+        ("[influx]\napi = 'v3'\n", {}, "api"),
+        ("not toml [", {}, "invalid TOML"),
+    ],
+)
+def test_errors_name_the_key(
+    tmp_path: Path, toml: str, environ: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, environ=environ)
+
+
+def test_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Config().mqtt.url = "mqtt://elsewhere"  # type: ignore[misc]
