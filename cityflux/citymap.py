@@ -107,12 +107,12 @@ def check_city_map(city: CityMap) -> list[str]:
             problems.append(f"segment {seg.id}: needs 2+ points, positive length, lanes, speed")
         problems += [f"segment {seg.id}: next {n!r} unknown" for n in seg.next if n not in segments]
     for det in city.detectors:
-        seg = segments.get(det.segment)
-        if seg is None:
+        on = segments.get(det.segment)
+        if on is None:
             problems.append(f"detector {det.id}: unknown segment {det.segment!r}")
-        elif not 0 <= det.position_m <= seg.length_m:
+        elif not 0 <= det.position_m <= on.length_m:
             problems.append(f"detector {det.id}: position {det.position_m} outside the segment")
-        elif det.direction == "reverse" and seg.oneway:
+        elif det.direction == "reverse" and on.oneway:
             problems.append(f"detector {det.id}: reverse direction on a one-way segment")
     placed: list[Pole | Manhole] = [*city.poles, *city.manholes]
     for item in placed:

@@ -49,3 +49,27 @@ def test_errors_name_the_key(
 def test_frozen() -> None:
     with pytest.raises(AttributeError):
         Config().mqtt.url = "mqtt://elsewhere"  # type: ignore[misc]
+
+
+def test_example_city_map_is_valid() -> None:
+    from cityflux.citymap import load_city_map
+    from tests.support import ROOT
+
+    city = load_city_map(ROOT / "examples" / "city-map.json")
+    assert {d.id for d in city.districts} == {"centre", "riverside"}
+    assert city.segment("seg-0001").next == ["seg-0002"]
+
+
+def test_city_map_errors_are_specific(tmp_path: Path) -> None:
+    import json
+
+    from cityflux.citymap import load_city_map
+    from tests.support import ROOT
+
+    data = json.loads((ROOT / "examples" / "city-map.json").read_text())
+    data["detectors"][0]["segment"] = "seg-9999"
+    data["poles"][0]["district"] = "nowhere"
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="unknown segment 'seg-9999'.*unknown district"):
+        load_city_map(path)
