@@ -59,10 +59,13 @@ def publish_all(port: int, messages: Sequence[tuple[str, bytes]], qos: int = 1) 
     """Publish and wait until the broker acknowledged every QoS 1 message."""
     client = paho_client(port)
     try:
-        infos = [client.publish(topic, payload, qos=qos) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(timeout=60)
-            assert info.is_published()
+        # in chunks: packet ids wrap at 65,535, so no more may be outstanding at once
+        for start in range(0, len(messages), 20_000):
+            chunk = messages[start : start + 20_000]
+            infos = [client.publish(topic, payload, qos=qos) for topic, payload in chunk]
+            for info in infos:
+                info.wait_for_publish(timeout=60)
+                assert info.is_published()
     finally:
         client.disconnect()
         client.loop_stop()

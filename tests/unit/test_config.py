@@ -73,3 +73,9 @@ def test_city_map_errors_are_specific(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="unknown segment 'seg-9999'.*unknown district"):
         load_city_map(path)
+
+
+def test_the_shipped_config_file_states_the_defaults() -> None:
+    from tests.support import ROOT
+
+    assert load_config(ROOT / "deploy" / "cityflux.toml", environ={}) == Config()

@@ -1,0 +1,19 @@
+# The two commands of the README, and the checks CI runs.
+.PHONY: run test check bench
+
+run:   ## set up, start local mosquitto + InfluxDB, and ingest (Ctrl-C stops everything)
+	@scripts/bootstrap.sh
+	.venv/bin/cityflux up
+
+test:  ## set up, then run the whole test suite against real servers
+	@scripts/bootstrap.sh
+	.venv/bin/pytest
+
+check: ## lint and type-check
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+bench: ## ingest benchmark: mosquitto_sub ceiling vs naive script vs cityflux
+	@scripts/bootstrap.sh
+	.venv/bin/python -m bench.ingest
