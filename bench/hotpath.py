@@ -1,6 +1,6 @@
 """CPU cost of cityflux's own hot path, without MQTT or HTTP: decode -> validate -> encode.
 
-    python -m bench.hotpath [--messages 200000] [--batch 5000]
+python -m bench.hotpath [--messages 200000] [--batch 5000]
 """
 
 from __future__ import annotations

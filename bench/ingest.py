@@ -31,7 +31,7 @@ from bench.stream import mixed_stream, points_in
 from cityflux.config import Config
 from cityflux.servers import LocalInfluxDB, LocalMosquitto, LocalVictoriaMetrics, free_port
 from cityflux.store.influx import InfluxWriter
-from tests.support import config_env, count_points, paho_client, publish_all
+from tests.support import config_env, count_points, publish_all
 
 
 @dataclass
@@ -93,7 +93,9 @@ def exited(process_holder: list[subprocess.Popen[bytes]]) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=200_000)
     args = parser.parse_args()
     n = args.messages
@@ -113,32 +115,66 @@ def main() -> None:
         publish_all(broker.port, stream)
         print(f"  published in {time.monotonic() - t0:.1f}s", flush=True)
 
-        sub = [Path("/usr/bin/mosquitto_sub").as_posix(), "-p", str(broker.port), "-q", "1", "-c",
-               "-i", ids[0], "-t", "cityflux/v1/#", "-C", str(n)]
+        sub = [
+            Path("/usr/bin/mosquitto_sub").as_posix(),
+            "-p",
+            str(broker.port),
+            "-q",
+            "1",
+            "-c",
+            "-i",
+            ids[0],
+            "-t",
+            "cityflux/v1/#",
+            "-C",
+            str(n),
+        ]
         ceiling_proc: list[int] = []
         results.append(_run_to_exit("mosquitto_sub (ceiling)", sub))
 
-        naive = [sys.executable, "-m", "bench.naive_consumer", str(broker.port), victoria.url,
-                 ids[1], str(n)]
+        naive = [
+            sys.executable,
+            "-m",
+            "bench.naive_consumer",
+            str(broker.port),
+            victoria.url,
+            ids[1],
+            str(n),
+        ]
         results.append(_run_to_exit("naive paho + influxdb-client -> VM v2", naive))
 
         for client_id, api, url in ((ids[2], "v1", influx.url), (ids[3], "v2", victoria.url)):
             metrics_port = free_port()
-            config = Config().with_overrides({
-                "mqtt.url": broker.url, "mqtt.client_id": client_id, "influx.url": url,
-                "influx.api": api, "influx.token": "bench", "influx.database": "bench",
-                "spool.dir": str(tmp / f"spool-{api}"), "metrics.port": metrics_port,
-            })
+            config = Config().with_overrides(
+                {
+                    "mqtt.url": broker.url,
+                    "mqtt.client_id": client_id,
+                    "influx.url": url,
+                    "influx.api": api,
+                    "influx.token": "bench",
+                    "influx.database": "bench",
+                    "spool.dir": str(tmp / f"spool-{api}"),
+                    "metrics.port": metrics_port,
+                }
+            )
             target = "InfluxDB 1.x /write" if api == "v1" else "VM /api/v2/write"
-            results.append(timed(
-                f"cityflux -> {target}",
-                [sys.executable, "-m", "cityflux", "run"],
-                lambda port=metrics_port: _accepted(port) >= n,
-                env=config_env(config),
-            ))
+            results.append(
+                timed(
+                    f"cityflux -> {target}",
+                    [sys.executable, "-m", "cityflux", "run"],
+                    lambda port=metrics_port: _accepted(port) >= n,
+                    env=config_env(config),
+                )
+            )
             if api == "v1":
-                stored = sum(count_points(InfluxWriter(config.influx), m, f) for m, f in
-                             (("pole", "pm25_ugm3"), ("manhole", "battery_pct"), ("traffic", "count")))
+                stored = sum(
+                    count_points(InfluxWriter(config.influx), m, f)
+                    for m, f in (
+                        ("pole", "pm25_ugm3"),
+                        ("manhole", "battery_pct"),
+                        ("traffic", "count"),
+                    )
+                )
                 print(f"  InfluxDB holds {stored:,} of {points:,} points", flush=True)
                 assert stored == points, "cityflux lost points"
     _report(results, n)
@@ -162,18 +198,27 @@ def _accepted(port: int) -> float:
             text = response.read().decode()
     except OSError:
         return 0.0
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("cityflux_readings_accepted_total{"))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("cityflux_readings_accepted_total{")
+    )
 
 
 def _report(results: list[Result], n: int) -> None:
     ceiling, naive = results[0], results[1]
-    print(f"\n{'consumer':42} {'seconds':>8} {'msg/s':>9} {'x ceiling':>9} {'x naive':>8} {'peak RSS MB':>11}")
+    print(
+        f"\n{'consumer':42} {'seconds':>8} {'msg/s':>9} {'x ceiling':>9} {'x naive':>8} {'peak RSS MB':>11}"
+    )
     for result in results:
-        print(f"{result.name:42} {result.seconds:8.2f} {result.rate(n):9,.0f} "
-              f"{result.rate(n) / ceiling.rate(n):9.2f} {result.rate(n) / naive.rate(n):8.2f} "
-              f"{result.peak_rss_mb:11.0f}")
-    print(f"\n{n:,} messages, {os.cpu_count()} CPUs; targets: cityflux >= 0.5x ceiling, >= 3x naive")
+        print(
+            f"{result.name:42} {result.seconds:8.2f} {result.rate(n):9,.0f} "
+            f"{result.rate(n) / ceiling.rate(n):9.2f} {result.rate(n) / naive.rate(n):8.2f} "
+            f"{result.peak_rss_mb:11.0f}"
+        )
+    print(
+        f"\n{n:,} messages, {os.cpu_count()} CPUs; targets: cityflux >= 0.5x ceiling, >= 3x naive"
+    )
 
 
 if __name__ == "__main__":

@@ -1,16 +1,24 @@
-"""The MQTT side: a paho-mqtt client with manual acknowledgements and a persistent session.
+"""The MQTT side: a lean QoS 1 consumer with a persistent session, and a paho publisher.
 
-paho's network thread only appends each message to a buffer (the least per-message Python work
-we can do: see docs/performance.md for why paho and not aiomqtt); the pipeline thread takes the
-buffer as a batch and acknowledges its messages once they are durable. After a disconnect the
-broker redelivers every unacknowledged message of the session, so the batch in hand and the
-buffer are discarded instead of acknowledged: packet ids of an old connection mean nothing on
-the new one, and the redelivered copies are written again (idempotent in InfluxDB).
+Receiving is the hot path, so it uses :mod:`cityflux.ingest.mqtt_codec` on a plain socket: one
+thread reads large chunks, parses every packet in them, and appends them to the current batch
+under one lock acquisition per chunk. The pipeline thread takes the batch and, once it is
+durable, acknowledges it with one ``sendall`` of all its PUBACKs.
+
+Publishing (dead letters, cityflux's own birth and last will) is rare and must survive
+reconnects with its own QoS 1 state, so it uses paho-mqtt, the well-kept library.
+
+After a disconnect the broker redelivers every unacknowledged message of the session, so the
+buffer and the batch in hand are discarded instead of acknowledged: packet ids of an old
+connection mean nothing on the new one, and the redelivered copies are written again
+(idempotent in InfluxDB).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -19,15 +27,31 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from cityflux.config import MqttConfig
 from cityflux.errors import IngestError
+from cityflux.ingest.mqtt_codec import (
+    CONNACK,
+    DISCONNECT_PACKET,
+    PINGREQ_PACKET,
+    SUBACK,
+    V5,
+    V311,
+    ConnectOptions,
+    PacketReader,
+    connack_result,
+    connect_packet,
+    puback_packets,
+    suback_codes,
+    subscribe_packet,
+)
 from cityflux.observability import Metrics
+from cityflux.store.influx import backoff
 
 log = logging.getLogger(__name__)
+RECV_BYTES = 256 * 1024
+OFFLINE = b'{"state":"offline"}'
+ONLINE = b'{"state":"online"}'
 
 
 @dataclass(slots=True)
@@ -36,7 +60,7 @@ class MessageBatch:
 
     topics: list[str] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)
-    mids: list[int] = field(default_factory=list)
+    mids: list[int] = field(default_factory=list)  # 0: QoS 0, nothing to acknowledge
     generation: int = 0
     first_received: float = 0.0  # time.monotonic() of the first message
 
@@ -54,118 +78,178 @@ class MqttConsumer:
         pattern = f"{config.topic_root}/#"
         self.subscription = pattern if workers == 1 else f"$share/{config.shared_group}/{pattern}"
         self.status_topic = f"{config.topic_root}/health/{self.client_id}/status"
+        self.version = V5 if config.protocol == "5" else V311
+        self.connected = threading.Event()
         self._cond = threading.Condition()
         self._batch = MessageBatch()
         self._generation = 0
-        self.connected = threading.Event()
-        self._client = self._make_client()
-
-    # -- set-up ---------------------------------------------------------------------------
-    def _make_client(self) -> paho.Client:
-        v5 = self.config.protocol == "5"
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if v5 else False,
-            manual_ack=True,
-            reconnect_on_failure=True,
-        )
-        client.max_queued_messages_set(0)  # our own dead letters: never dropped client-side
-        client.max_inflight_messages_set(1_000)
-        client.reconnect_delay_set(
-            min_delay=max(1, round(self.config.reconnect_min_s)),
-            max_delay=max(1, round(self.config.reconnect_max_s)),
-        )
-        if self.config.username:
-            client.username_pw_set(self.config.username, self.config.password)
-        if self.config.tls.enabled or self.config.url.startswith("mqtts://"):
-            self._configure_tls(client)
-        client.will_set(self.status_topic, b'{"state":"offline"}', qos=1, retain=True)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        return client
-
-    def _configure_tls(self, client: paho.Client) -> None:
-        tls = self.config.tls
-        client.tls_set(
-            ca_certs=tls.ca_file,
-            certfile=tls.cert_file,
-            keyfile=tls.key_file,
-            cert_reqs=ssl.CERT_REQUIRED,
-        )
-        client.tls_insecure_set(tls.insecure)
-
-    def _connect_properties(self) -> Properties | None:
-        if self.config.protocol != "5":
-            return None
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = self.config.session_expiry_s
-        properties.ReceiveMaximum = min(self.config.receive_maximum, 65_535)
-        return properties
+        self._sock: socket.socket | None = None
+        self._send_lock = threading.Lock()
+        self._last_sent = 0.0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._connection_loop, name="mqtt", daemon=True)
+        self.publisher = _make_publisher(config, f"{self.client_id}-pub", self.status_topic)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, wait_s: float = 0.0) -> None:
-        """Connect in the background (paho retries forever); optionally wait for CONNACK."""
-        try:
-            self._client.connect_async(
-                self.config.host,
-                self.config.port,
-                keepalive=self.config.keepalive_s,
-                clean_start=False,
-                properties=self._connect_properties(),
-            )
-        except (OSError, ValueError) as exc:
-            raise IngestError(f"cannot connect to {self.config.url}: {exc}") from exc
-        self._client.loop_start()
+        """Connect in the background (retrying forever); optionally wait for the CONNACK."""
+        self.publisher.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
+        self.publisher.loop_start()
+        self._thread.start()
         if wait_s and not self.connected.wait(wait_s):
             raise IngestError(f"no CONNACK from {self.config.url} within {wait_s:.0f}s")
 
     def stop(self) -> None:
-        self._client.publish(self.status_topic, b'{"state":"offline"}', qos=1, retain=True)
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._stopping.set()
+        self._send(DISCONNECT_PACKET)
+        self._close_socket()
+        self._thread.join(timeout=10)
+        self.publisher.publish(self.status_topic, OFFLINE, qos=1, retain=True).wait_for_publish(2)
+        self.publisher.disconnect()
+        self.publisher.loop_stop()
 
-    # -- callbacks (paho's network thread) -----------------------------------------------------
-    def _on_connect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
-    ) -> None:
-        if reason.is_failure:
-            log.error("broker %s refused the connection: %s", self.config.url, reason)
-            return
-        client.subscribe(self.subscription, qos=1)
-        client.publish(self.status_topic, b'{"state":"online"}', qos=1, retain=True)
-        self.metrics.mqtt_connected.set(1)
-        self.connected.set()
+    # -- the connection thread --------------------------------------------------------------
+    def _connection_loop(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                reader = self._connect()
+                attempt = 0
+                self._serve(reader)
+            except (OSError, IngestError) as exc:
+                if not self._stopping.is_set():
+                    log.warning("MQTT connection to %s: %s", self.config.url, exc)
+            finally:
+                self._on_disconnect()
+            attempt += 1
+            delay = backoff(attempt, self.config.reconnect_min_s, self.config.reconnect_max_s)
+            self._stopping.wait(max(delay, self.config.reconnect_min_s / 2))
+
+    def _connect(self) -> PacketReader:
+        sock = socket.create_connection((self.config.host, self.config.port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.config.tls.enabled or self.config.url.startswith("mqtts://"):
+            sock = self._tls_context().wrap_socket(sock, server_hostname=self.config.host)
+        self._sock = sock
+        reader = PacketReader(self.version)
+        self._send(connect_packet(self._connect_options()))
+        control = self._await_control(sock, reader, CONNACK)
+        session_present, code = connack_result(control, self.version)
+        if code != 0:
+            raise IngestError(f"broker refused the connection: return code {code}")
+        self._send(subscribe_packet(1, self.subscription, 1, self.version))
+        suback = self._await_control(sock, reader, SUBACK)
+        codes = suback_codes(suback, self.version)
+        if not codes or codes[0] >= 0x80:
+            raise IngestError(f"broker refused the subscription {self.subscription}: {codes}")
         log.info(
             "connected to %s as %s (session present: %s)",
             self.config.url,
             self.client_id,
-            flags.session_present,
+            session_present,
         )
+        self.metrics.mqtt_connected.set(1)
+        self.connected.set()
+        return reader
 
-    def _on_disconnect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
-    ) -> None:
-        self.connected.clear()
-        self.metrics.mqtt_connected.set(0)
-        with self._cond:
-            self._generation += 1
-            self._batch = MessageBatch(generation=self._generation)
-        log.warning(
-            "disconnected from %s: %s; paho reconnects with backoff", self.config.url, reason
-        )
+    def _await_control(self, sock: socket.socket, reader: PacketReader, kind: int) -> Any:
+        """Read until a control packet of ``kind``; PUBLISHes before it are kept."""
+        while True:
+            data = sock.recv(RECV_BYTES)
+            if not data:
+                raise IngestError("broker closed the connection")
+            parsed = reader.feed(data)
+            self._append(parsed.topics, parsed.payloads, parsed.packet_ids)
+            for control in parsed.controls:
+                if control.type == kind:
+                    return control
 
-    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+    def _serve(self, reader: PacketReader) -> None:
+        sock = self._sock
+        assert sock is not None
+        keepalive = self.config.keepalive_s
+        sock.settimeout(max(keepalive / 2, 0.5))
+        last_received = time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                data = sock.recv(RECV_BYTES)
+            except TimeoutError:
+                data = None
+            now = time.monotonic()
+            if data == b"":
+                raise IngestError("broker closed the connection")
+            if data:
+                last_received = now
+                parsed = reader.feed(data)
+                if parsed.topics:
+                    self._append(parsed.topics, parsed.payloads, parsed.packet_ids)
+            elif now - last_received > keepalive * 1.5:
+                raise IngestError(f"nothing from the broker for {keepalive * 1.5:.0f}s")
+            if now - self._last_sent >= keepalive / 2:
+                self._send(PINGREQ_PACKET)
+
+    def _append(self, topics: list[str], payloads: list[bytes], ids: list[int]) -> None:
+        if not topics:
+            return
         with self._cond:
             batch = self._batch
             if not batch.mids:
                 batch.first_received = time.monotonic()
-            batch.topics.append(_topic(message))
-            batch.payloads.append(bytes(message.payload))
-            batch.mids.append(message.mid)
+            batch.topics += topics
+            batch.payloads += payloads
+            batch.mids += ids
             self._cond.notify()
+
+    def _on_disconnect(self) -> None:
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        self.metrics.mqtt_connected.set(0)
+        self._close_socket()
+        with self._cond:
+            self._generation += 1
+            self._batch = MessageBatch(generation=self._generation)
+        if was_connected:
+            log.warning(
+                "disconnected from %s; unacknowledged messages will be redelivered", self.config.url
+            )
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _send(self, data: bytes) -> bool:
+        with self._send_lock:
+            sock = self._sock
+            if sock is None:
+                return False
+            try:
+                sock.sendall(data)
+            except OSError:
+                return False
+            self._last_sent = time.monotonic()
+            return True
+
+    def _connect_options(self) -> ConnectOptions:
+        return ConnectOptions(
+            client_id=self.client_id,
+            version=self.version,
+            keepalive_s=self.config.keepalive_s,
+            username=self.config.username,
+            password=self.config.password,
+            session_expiry_s=self.config.session_expiry_s,
+            receive_maximum=min(self.config.receive_maximum, 65_535),
+        )
+
+    def _tls_context(self) -> ssl.SSLContext:
+        tls = self.config.tls
+        context = ssl.create_default_context(cafile=tls.ca_file)
+        if tls.cert_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        if tls.insecure:
+            context.check_hostname = False
+        return context
 
     # -- the pipeline's side ----------------------------------------------------------------
     def take(self, max_messages: int, wait_s: float) -> MessageBatch:
@@ -186,14 +270,38 @@ class MqttConsumer:
         with self._cond:
             if batch.generation != self._generation:
                 return False
-        for mid in batch.mids:
-            self._client.ack(mid, 1)
+        if not self._send(puback_packets([mid for mid in batch.mids if mid])):
+            return False
         self.metrics.acked.inc(len(batch))
         return True
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        """QoS 1; queued by paho while disconnected and sent on reconnect."""
-        self._client.publish(topic, payload, qos=1)
+    def publish(self, topic: str, payload: bytes) -> paho.MQTTMessageInfo:
+        """QoS 1 through paho: queued while disconnected and sent on reconnect."""
+        return self.publisher.publish(topic, payload, qos=1)
+
+
+def _make_publisher(config: MqttConfig, client_id: str, status_topic: str) -> paho.Client:
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5
+        if config.protocol == "5"
+        else MQTTProtocolVersion.MQTTv311,
+        clean_session=None if config.protocol == "5" else False,
+        reconnect_on_failure=True,
+    )
+    client.max_queued_messages_set(0)  # dead letters are never dropped client-side
+    client.reconnect_delay_set(1, max(1, round(config.reconnect_max_s)))
+    if config.username:
+        client.username_pw_set(config.username, config.password)
+    if config.tls.enabled or config.url.startswith("mqtts://"):
+        client.tls_set(
+            ca_certs=config.tls.ca_file, certfile=config.tls.cert_file, keyfile=config.tls.key_file
+        )
+        client.tls_insecure_set(config.tls.insecure)
+    client.will_set(status_topic, OFFLINE, qos=1, retain=True)
+    client.on_connect = lambda c, *args: c.publish(status_topic, ONLINE, qos=1, retain=True)
+    return client
 
 
 def _split(batch: MessageBatch, size: int) -> tuple[MessageBatch, MessageBatch]:
@@ -215,10 +323,3 @@ def _split(batch: MessageBatch, size: int) -> tuple[MessageBatch, MessageBatch]:
         time.monotonic(),
     )
     return head, tail
-
-
-def _topic(message: paho.MQTTMessage) -> str:
-    try:
-        return message.topic
-    except UnicodeDecodeError:  # brokers refuse such topics; if one slips through, reject it
-        return message._topic.decode("utf-8", "replace")

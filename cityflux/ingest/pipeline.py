@@ -32,6 +32,7 @@ from cityflux.store.spool import Spool
 
 log = logging.getLogger(__name__)
 SPOOL_FULL_PAUSE_S = 0.5
+DEADLETTER_CONFIRM_S = 5.0
 
 
 @dataclass(slots=True)
@@ -103,9 +104,7 @@ class Pipeline:
         result = self._write_durably(outcome.lines)
         if result is None:
             return False  # stopping while the spool was full: the broker keeps the batch
-        for topic, payload in outcome.letters:
-            self.consumer.publish(topic, payload)
-        self.metrics.deadletters_published.inc(len(outcome.letters))
+        self._publish_letters(outcome.letters)
         if result.rejected:
             self._dead_letter_lines(result.rejected)
         for kind, count in outcome.accepted.items():
@@ -165,6 +164,24 @@ class Pipeline:
                 continue
             self.metrics.spool_full.set(0)
             return result
+
+    def _publish_letters(self, letters: list[tuple[str, bytes]]) -> None:
+        """Publish dead letters and wait for the broker to have them before the batch is acked.
+
+        If the broker does not confirm in time, paho keeps them queued and sends them on
+        reconnect; the rejections are also in InfluxDB (cityflux_deadletter) already.
+        """
+        infos = [self.consumer.publish(topic, payload) for topic, payload in letters]
+        deadline = time.monotonic() + DEADLETTER_CONFIRM_S
+        for info in infos:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        confirmed = sum(1 for info in infos if info.is_published())
+        self.metrics.deadletters_published.inc(confirmed)
+        if confirmed < len(infos):
+            log.warning(
+                "%d dead letters not yet confirmed by the broker; paho will resend them",
+                len(infos) - confirmed,
+            )
 
     def _dead_letter_lines(self, rejected: RejectedLines) -> None:
         """Lines the database refused (e.g. a field type conflict): dead-letter, never retry."""
