@@ -88,10 +88,6 @@ def timed(name: str, command: list[str], done: object, env: dict[str, str] | Non
     return Result(name, seconds, rss)
 
 
-def exited(process_holder: list[subprocess.Popen[bytes]]) -> bool:
-    return False
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,7 +125,6 @@ def main() -> None:
             "-C",
             str(n),
         ]
-        ceiling_proc: list[int] = []
         results.append(_run_to_exit("mosquitto_sub (ceiling)", sub))
 
         naive = [
@@ -208,7 +203,8 @@ def _accepted(port: int) -> float:
 def _report(results: list[Result], n: int) -> None:
     ceiling, naive = results[0], results[1]
     print(
-        f"\n{'consumer':42} {'seconds':>8} {'msg/s':>9} {'x ceiling':>9} {'x naive':>8} {'peak RSS MB':>11}"
+        f"\n{'consumer':42} {'seconds':>8} {'msg/s':>9} {'x ceiling':>9} {'x naive':>8} "
+        f"{'peak RSS MB':>11}"
     )
     for result in results:
         print(

@@ -9,6 +9,7 @@ letters before it sees the acks).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Pipeline:
         self.server: MetricsServer | None = None
         self.stopping = threading.Event()
         self._next_health = 0.0
+        self._handover: queue.Queue[tuple[MessageBatch, BatchOutcome] | None] = queue.Queue(1)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, wait_connected_s: float = 0.0) -> None:
@@ -79,13 +81,38 @@ class Pipeline:
             log.warning("database not ready at start (%s); writes go to the spool", exc)
 
     def run(self) -> None:
-        """Process batches until :meth:`stop`; unacknowledged messages stay with the broker."""
+        """Process batches until :meth:`stop`; unacknowledged messages stay with the broker.
+
+        Two stages overlap: this thread decodes, validates and encodes batch k+1 while the
+        commit thread writes batch k and acknowledges it. The hand-over queue holds one batch,
+        so a stalled database (or a full spool) stops this thread from taking more messages.
+        """
         ingest = self.config.ingest
+        committer = threading.Thread(target=self._commit_loop, name="commit", daemon=True)
+        committer.start()
+        try:
+            while not self.stopping.is_set():
+                batch = self.consumer.take(ingest.batch_size, ingest.flush_interval_s)
+                if len(batch):
+                    self._hand_over((batch, self.transform(batch, time.time_ns())))
+                health = self._health_line()
+                if health is not None:
+                    self._hand_over((MessageBatch(), BatchOutcome(lines=[health])))
+        finally:
+            self._handover.put(None)
+            committer.join(timeout=30)
+
+    def _hand_over(self, work: tuple[MessageBatch, BatchOutcome]) -> None:
         while not self.stopping.is_set():
-            batch = self.consumer.take(ingest.batch_size, ingest.flush_interval_s)
-            if len(batch):
-                self.process(batch)
-            self._maybe_write_health()
+            try:
+                self._handover.put(work, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _commit_loop(self) -> None:
+        while (work := self._handover.get()) is not None:
+            self.commit(*work)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -99,8 +126,10 @@ class Pipeline:
     # -- one batch ------------------------------------------------------------------------
     def process(self, batch: MessageBatch) -> bool:
         """Decode, validate, store durably, dead-letter, acknowledge. False if not acked."""
-        now_ns = time.time_ns()
-        outcome = self.transform(batch, now_ns)
+        return self.commit(batch, self.transform(batch, time.time_ns()))
+
+    def commit(self, batch: MessageBatch, outcome: BatchOutcome) -> bool:
+        """Store durably, dead-letter, acknowledge. False if not acknowledged."""
         result = self._write_durably(outcome.lines)
         if result is None:
             return False  # stopping while the spool was full: the broker keeps the batch
@@ -109,6 +138,8 @@ class Pipeline:
             self._dead_letter_lines(result.rejected)
         for kind, count in outcome.accepted.items():
             self.metrics.accepted.labels(kind).inc(count)
+        if not len(batch):
+            return True
         acked = self.consumer.ack(batch)
         self.metrics.batch_messages.observe(len(batch))
         self.metrics.ack_lag_seconds.observe(time.monotonic() - batch.first_received)
@@ -199,16 +230,16 @@ class Pipeline:
             self.metrics.deadletters_published.inc()
 
     # -- health ---------------------------------------------------------------------------
-    def _maybe_write_health(self) -> None:
+    def _health_line(self) -> str | None:
+        """The pipeline-health point, when it is due."""
         now = time.monotonic()
         if now < self._next_health or self.config.metrics.health_interval_s <= 0:
-            return
+            return None
         self._next_health = now + self.config.metrics.health_interval_s
         fields: dict[str, float | int | bool | str] = dict(self.metrics.snapshot())
-        line = encode_point(
+        return encode_point(
             PIPELINE_MEASUREMENT, {"worker": self.consumer.client_id}, fields, time.time_ns()
         )
-        self._write_durably([line])
 
     def health(self) -> dict[str, Any]:
         connected = self.consumer.connected.is_set()

@@ -71,7 +71,7 @@ def test_city_map_errors_are_specific(tmp_path: Path) -> None:
     data["poles"][0]["district"] = "nowhere"
     path = tmp_path / "map.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match="unknown segment 'seg-9999'.*unknown district"):
+    with pytest.raises(ConfigError, match=r"unknown segment 'seg-9999'.*unknown district"):
         load_city_map(path)
 
 
