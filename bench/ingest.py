@@ -93,6 +93,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument(
+        "--naive-messages",
+        type=int,
+        default=20_000,
+        help="the naive consumer takes this prefix of its backlog (it runs at ~1.4k msg/s; its "
+        "rate is per message, so a prefix measures it in seconds instead of minutes)",
+    )
     args = parser.parse_args()
     n = args.messages
     stream = mixed_stream(n)
@@ -127,16 +134,14 @@ def main() -> None:
         ]
         results.append(_run_to_exit("mosquitto_sub (ceiling)", sub))
 
-        naive = [
-            sys.executable,
-            "-m",
-            "bench.naive_consumer",
-            str(broker.port),
-            victoria.url,
-            ids[1],
-            str(n),
-        ]
-        results.append(_run_to_exit("naive paho + influxdb-client -> VM v2", naive))
+        naive_n = min(n, args.naive_messages)
+        naive = [sys.executable, "-m", "bench.naive_consumer", str(broker.port), victoria.url]
+        naive_result = _run_to_exit(
+            "naive paho + influxdb-client -> VM v2", [*naive, ids[1], str(naive_n)]
+        )
+        # reported as the time the whole stream takes at the rate it sustained on the prefix
+        naive_result.seconds *= n / naive_n
+        results.append(naive_result)
 
         for client_id, api, url in ((ids[2], "v1", influx.url), (ids[3], "v2", victoria.url)):
             metrics_port = free_port()

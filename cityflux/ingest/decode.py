@@ -69,24 +69,31 @@ class BatchDecoder:
 
     # -- per batch -----------------------------------------------------------------------
     def decode(self, topics: Sequence[str], payloads: Sequence[bytes], now_ns: int) -> Decoded:
-        rows: dict[str, _KindRows] = {}
+        rows: dict[str, _KindRows] = {kind: _KindRows() for kind in self._typed}
         rejections: list[Rejection] = []
         ignored = 0
+        parse, typed, limit = self.topics.parse, self._typed, self.config.max_payload_bytes
         for index, (topic, payload) in enumerate(zip(topics, payloads, strict=True)):
-            parsed = self.topics.parse(topic)
-            if parsed is None:
+            parsed = parse(topic)
+            # the fast path, inlined: a device topic, a payload of one valid reading
+            if type(parsed) is DeviceTopic and not parsed.is_status and len(payload) <= limit:
+                try:
+                    value = typed[parsed.kind].decode(payload)
+                except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+                    self._salvage(parsed, payload, index, rows[parsed.kind], rejections)
+                    continue
+                if type(value) is list:
+                    self._add_array(parsed, value, index, rows[parsed.kind], rejections)
+                else:
+                    kind_rows = rows[parsed.kind]
+                    kind_rows.readings.append(value)
+                    kind_rows.message_index.append(index)
+                    kind_rows.reading_index.append(0)
+                    kind_rows.topics.append(parsed)
+            elif parsed is None:
                 ignored += 1
-            elif isinstance(parsed, TopicRejection):
-                rejections.append(Rejection(parsed.reason, parsed.message, index))
-            elif len(payload) > self.config.max_payload_bytes:
-                message = f"payload of {len(payload)} bytes exceeds {self.config.max_payload_bytes}"
-                rejections.append(Rejection(Reason.TOO_LARGE, message, index))
-            elif parsed.is_status:
-                kind_rows = rows.setdefault("status", _KindRows())
-                self._decode_status(parsed, payload, index, kind_rows, rejections)
             else:
-                kind_rows = rows.setdefault(parsed.kind, _KindRows())
-                self._decode_readings(parsed, payload, index, kind_rows, rejections)
+                self._decode_other(parsed, payload, index, rows, rejections)
         columns = {
             kind: _build_columns(kind, kind_rows, now_ns, rejections)
             for kind, kind_rows in rows.items()
@@ -94,27 +101,36 @@ class BatchDecoder:
         }
         return Decoded(columns, rejections, ignored)
 
+    def _decode_other(
+        self,
+        parsed: DeviceTopic | TopicRejection,
+        payload: bytes,
+        index: int,
+        rows: dict[str, _KindRows],
+        rejections: list[Rejection],
+    ) -> None:
+        """Bad topics, oversized payloads and status messages."""
+        if isinstance(parsed, TopicRejection):
+            rejections.append(Rejection(parsed.reason, parsed.message, index))
+        elif len(payload) > self.config.max_payload_bytes:
+            message = f"payload of {len(payload)} bytes exceeds {self.config.max_payload_bytes}"
+            rejections.append(Rejection(Reason.TOO_LARGE, message, index))
+        else:
+            kind_rows = rows.setdefault("status", _KindRows())
+            self._decode_status(parsed, payload, index, kind_rows, rejections)
+
     # -- per message ---------------------------------------------------------------------
-    def _decode_readings(
+    def _add_array(
         self,
         topic: DeviceTopic,
-        payload: bytes,
+        value: list[Any],
         index: int,
         rows: _KindRows,
         rejections: list[Rejection],
     ) -> None:
-        try:
-            value = self._typed[topic.kind].decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-            self._salvage(topic, payload, index, rows, rejections)
-            return
-        if isinstance(value, list):
-            if not self._array_size_ok(value, index, rejections):
-                return
+        if self._array_size_ok(value, index, rejections):
             for position, reading in enumerate(value):
                 rows.add(reading, index, position, topic)
-        else:
-            rows.add(value, index, 0, topic)
 
     def _array_size_ok(self, value: list[Any], index: int, rejections: list[Rejection]) -> bool:
         limit = self.config.max_readings_per_message
@@ -294,8 +310,12 @@ def _claims_match(
 ) -> npt.NDArray[np.bool_]:
     """Rows whose optional ``device_id``/``kind`` claims agree with their topic."""
     keep = np.ones(len(readings), dtype=np.bool_)
-    for row, (reading, topic) in enumerate(zip(readings, topics, strict=True)):
-        claimed_id, claimed_kind = reading.device_id, reading.kind
+    claimed_ids = list(map(attrgetter("device_id"), readings))
+    claimed_kinds = list(map(attrgetter("kind"), readings))
+    if claimed_ids.count(None) == len(readings) and claimed_kinds.count(None) == len(readings):
+        return keep  # the usual case: nothing claimed, nothing to compare
+    for row, topic in enumerate(topics):
+        claimed_id, claimed_kind = claimed_ids[row], claimed_kinds[row]
         if (claimed_id is None or claimed_id == topic.device_id) and (
             claimed_kind is None or claimed_kind == kind
         ):
