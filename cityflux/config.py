@@ -50,7 +50,7 @@ class MqttConfig(Base, frozen=True):
     session_expiry_s: int = 7 * 24 * 3600
     # Unacknowledged QoS 1 messages the broker may have in flight to us (MQTT 5 Receive Maximum;
     # for 3.1.1 the broker's max_inflight_messages sets it). Bounds our memory under back-pressure.
-    receive_maximum: int = 20_000
+    receive_maximum: int = 50_000
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
 
@@ -87,6 +87,8 @@ class InfluxConfig(Base, frozen=True):
 class IngestConfig(Base, frozen=True):
     batch_size: int = 5_000  # messages per batch (keep below mqtt.receive_maximum)
     flush_interval_s: float = 0.2
+    # batches written concurrently: lets the database parse one while it stores another
+    write_concurrency: int = 2
     max_payload_bytes: int = 256 * 1024
     max_readings_per_message: int = 1_000
     max_past_s: int = 30 * 24 * 3600  # readings older than this are bad_timestamp
@@ -177,7 +179,19 @@ def _check(config: Config) -> None:
         )
     if config.influx.api == "v2" and not config.influx.token:
         raise ConfigError("influx.api = 'v2' needs influx.token")
-    for name in ("batch_size", "max_payload_bytes", "max_readings_per_message"):
+    if config.ingest.batch_size * (config.ingest.write_concurrency + 2) > (
+        config.mqtt.receive_maximum
+    ):
+        raise ConfigError(
+            "mqtt.receive_maximum must hold ingest.batch_size x (write_concurrency + 2) "
+            "messages: batches being written, one queued, and one being filled"
+        )
+    for name in (
+        "batch_size",
+        "max_payload_bytes",
+        "max_readings_per_message",
+        "write_concurrency",
+    ):
         if getattr(config.ingest, name) <= 0:
             raise ConfigError(f"ingest.{name} must be positive")
     if config.spool.segment_bytes > config.spool.max_bytes:

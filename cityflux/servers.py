@@ -193,7 +193,7 @@ class LocalMosquitto(LocalServer):
         self,
         data_dir: Path | None = None,
         port: int | None = None,
-        max_inflight: int = 20_000,
+        max_inflight: int = 50_000,
         max_queued: int = 2_000_000,
     ) -> None:
         super().__init__(data_dir, port)

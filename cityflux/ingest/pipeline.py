@@ -83,13 +83,18 @@ class Pipeline:
     def run(self) -> None:
         """Process batches until :meth:`stop`; unacknowledged messages stay with the broker.
 
-        Two stages overlap: this thread decodes, validates and encodes batch k+1 while the
-        commit thread writes batch k and acknowledges it. The hand-over queue holds one batch,
-        so a stalled database (or a full spool) stops this thread from taking more messages.
+        Two stages overlap: this thread decodes, validates and encodes batch k+1 while
+        ``write_concurrency`` commit threads write earlier batches and acknowledge them (the
+        database parses one request while it stores another). The hand-over queue holds one
+        batch, so a stalled database (or a full spool) stops this thread from taking more.
         """
         ingest = self.config.ingest
-        committer = threading.Thread(target=self._commit_loop, name="commit", daemon=True)
-        committer.start()
+        committers = [
+            threading.Thread(target=self._commit_loop, name=f"commit-{i}", daemon=True)
+            for i in range(ingest.write_concurrency)
+        ]
+        for committer in committers:
+            committer.start()
         try:
             while not self.stopping.is_set():
                 batch = self.consumer.take(ingest.batch_size, ingest.flush_interval_s)
@@ -99,8 +104,10 @@ class Pipeline:
                 if health is not None:
                     self._hand_over((MessageBatch(), BatchOutcome(lines=[health])))
         finally:
-            self._handover.put(None)
-            committer.join(timeout=30)
+            for _ in committers:  # one end marker each; they take them as they finish
+                self._handover.put(None)
+            for committer in committers:
+                committer.join(timeout=30)
 
     def _hand_over(self, work: tuple[MessageBatch, BatchOutcome]) -> None:
         while not self.stopping.is_set():
