@@ -31,7 +31,7 @@ INSTALL_HINT = "apt-get install -y mosquitto mosquitto-clients influxdb victoria
 # mosquitto's defaults (20 in flight, 1000 queued) drop messages for a consumer that falls behind.
 MOSQUITTO_CONF = """\
 listener {port} 127.0.0.1
-allow_anonymous true
+allow_anonymous {anonymous}
 user {user}
 persistence true
 persistence_location {data_dir}/
@@ -44,7 +44,7 @@ log_dest file {log_file}
 log_type error
 log_type warning
 log_type notice
-"""
+{extra}"""
 
 INFLUXDB_CONF = """\
 reporting-disabled = true
@@ -195,10 +195,14 @@ class LocalMosquitto(LocalServer):
         port: int | None = None,
         max_inflight: int = 50_000,
         max_queued: int = 2_000_000,
+        anonymous: bool = True,
+        extra_config: str = "",
     ) -> None:
         super().__init__(data_dir, port)
         self.max_inflight = max_inflight
         self.max_queued = max_queued
+        self.anonymous = anonymous
+        self.extra_config = extra_config
 
     @property
     def url(self) -> str:
@@ -214,6 +218,8 @@ class LocalMosquitto(LocalServer):
                 log_file=self.log_file,
                 max_inflight=self.max_inflight,
                 max_queued=self.max_queued,
+                anonymous=str(self.anonymous).lower(),
+                extra=self.extra_config,
                 # run as: started by root, mosquitto would switch to user "mosquitto", which
                 # cannot write to a private temporary directory
                 user=getpass.getuser(),

@@ -104,7 +104,10 @@ class MqttConsumer:
         self._send(DISCONNECT_PACKET)
         self._close_socket()
         self._thread.join(timeout=10)
-        self.publisher.publish(self.status_topic, OFFLINE, qos=1, retain=True).wait_for_publish(2)
+        if self.publisher.is_connected():
+            info = self.publisher.publish(self.status_topic, OFFLINE, qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):  # raced with a disconnect
+                info.wait_for_publish(2)
         self.publisher.disconnect()
         self.publisher.loop_stop()
 
