@@ -23,14 +23,18 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.stream import mixed_stream, points_in
 from cityflux.config import Config
+from cityflux.ingest.decode import BatchDecoder
+from cityflux.ingest.validate import validate
 from cityflux.servers import LocalInfluxDB, LocalMosquitto, LocalVictoriaMetrics, free_port
 from cityflux.store.influx import InfluxWriter
+from cityflux.store.lineprotocol import BatchEncoder
 from tests.support import config_env, count_points, publish_all
 
 
@@ -177,7 +181,32 @@ def main() -> None:
                 )
                 print(f"  InfluxDB holds {stored:,} of {points:,} points", flush=True)
                 assert stored == points, "cityflux lost points"
+        results.append(_database_alone(influx, stream))
     _report(results, n)
+
+
+def _database_alone(influx: LocalInfluxDB, stream: list[tuple[str, bytes]]) -> Result:
+    """InfluxDB 1.x's own ingest rate for this stream: cityflux's batches, pre-encoded, posted
+    by two threads, no MQTT. No consumer that writes to this database can beat it."""
+    config = Config().with_overrides({"influx.url": influx.url, "influx.database": "alone"})
+    decoder, encoder = BatchDecoder(config.ingest, "cityflux/v1"), BatchEncoder()
+    writer = InfluxWriter(config.influx)
+    writer.ensure_database()
+    bodies = []
+    for start in range(0, len(stream), config.ingest.batch_size):
+        chunk = stream[start : start + config.ingest.batch_size]
+        now = time.time_ns()
+        decoded = decoder.decode([t for t, _ in chunk], [p for _, p in chunk], now)
+        lines = [
+            line
+            for columns in decoded.columns.values()
+            for line in encoder.encode(validate(columns, config.ingest, now)[0])
+        ]
+        bodies.append(writer.encode_body(lines))
+    start = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda body: writer.send(body, writer.gzip), bodies))
+    return Result("(InfluxDB 1.x alone: pre-encoded batches)", time.monotonic() - start, 0.0)
 
 
 def _run_to_exit(name: str, command: list[str]) -> Result:

@@ -193,6 +193,7 @@ class LocalMosquitto(LocalServer):
         self,
         data_dir: Path | None = None,
         port: int | None = None,
+        *,
         max_inflight: int = 50_000,
         max_queued: int = 2_000_000,
         anonymous: bool = True,
