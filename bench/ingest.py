@@ -104,6 +104,9 @@ def main() -> None:
         help="the naive consumer takes this prefix of its backlog (it runs at ~1.4k msg/s; its "
         "rate is per message, so a prefix measures it in seconds instead of minutes)",
     )
+    parser.add_argument(
+        "--no-gzip", action="store_true", help="cityflux sends uncompressed bodies (loopback)"
+    )
     args = parser.parse_args()
     n = args.messages
     stream = mixed_stream(n)
@@ -159,6 +162,7 @@ def main() -> None:
                     "influx.database": "bench",
                     "spool.dir": str(tmp / f"spool-{api}"),
                     "metrics.port": metrics_port,
+                    "influx.gzip": not args.no_gzip,
                 }
             )
             target = "InfluxDB 1.x /write" if api == "v1" else "VM /api/v2/write"
