@@ -134,6 +134,7 @@ def up(
                 "influx.url": influx.url,
                 "influx.api": "v1",
                 "spool.dir": str(data_dir / "spool"),
+                "metrics.port": 0,  # any free port: 9108 may be taken by a `cityflux run`
             }
         )
         pipeline = Pipeline(config)
@@ -142,7 +143,7 @@ def up(
         console.print(
             f"[bold]cityflux is up[/]: broker {broker.url}, InfluxDB {influx.url} "
             f"(database {config.influx.database}), metrics "
-            f"http://127.0.0.1:{pipeline.metrics_port}/metrics\n"
+            f"http://127.0.0.1:{pipeline.server.port if pipeline.server else 0}/metrics\n"
             f"publish:  mosquitto_pub -p {broker.port} -q 1 -t "
             'cityflux/v1/centre/pole/pole-1 -m \'{"ts": '
             f'{time.time_ns() // 1_000_000}, "pm25_ugm3": 12.5}}\'\n'
