@@ -1,0 +1,33 @@
+"""cityflux: MQTT ingest, validation and storage for a city's street-level IoT."""
+
+from cityflux.config import Config, load_config
+from cityflux.errors import (
+    CityfluxError,
+    ConfigError,
+    IngestError,
+    ServerError,
+    SpoolError,
+    SpoolFull,
+    StoreError,
+    WriteRejected,
+    WriteRetryable,
+)
+from cityflux.ingest.pipeline import Pipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CityfluxError",
+    "Config",
+    "ConfigError",
+    "IngestError",
+    "Pipeline",
+    "ServerError",
+    "SpoolError",
+    "SpoolFull",
+    "StoreError",
+    "WriteRejected",
+    "WriteRetryable",
+    "__version__",
+    "load_config",
+]

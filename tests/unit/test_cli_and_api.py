@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import cityflux
+from cityflux import errors
+from tests.support import ROOT
+
+
+def test_public_names_are_the_intended_ones() -> None:
+    assert sorted(cityflux.__all__) == sorted(
+        [
+            "CityfluxError",
+            "Config",
+            "ConfigError",
+            "IngestError",
+            "Pipeline",
+            "ServerError",
+            "SpoolError",
+            "SpoolFull",
+            "StoreError",
+            "WriteRejected",
+            "WriteRetryable",
+            "__version__",
+            "load_config",
+        ]
+    )
+    for name in cityflux.__all__:
+        assert hasattr(cityflux, name)
+
+
+def test_one_error_tree() -> None:
+    raised = [
+        value
+        for value in vars(errors).values()
+        if isinstance(value, type) and issubclass(value, Exception)
+    ]
+    assert all(issubclass(error, errors.CityfluxError) for error in raised)
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cityflux", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200", **env},
+        timeout=60,
+    )
+
+
+def test_check_config_prints_the_effective_config_with_secrets_masked() -> None:
+    result = run_cli(
+        "check-config", CITYFLUX_INFLUX__TOKEN="t0ps3cret", CITYFLUX_INFLUX__URL="http://db:8086"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "configuration is valid" in result.stderr
+    assert "http://db:8086" in result.stderr
+    assert "t0ps3cret" not in result.stderr + result.stdout
+
+
+def test_check_config_fails_with_the_key_named() -> None:
+    result = run_cli("check-config", CITYFLUX_INGEST__BATCH_SIZE="lots")
+    assert result.returncode == 2
+    assert "batch_size" in result.stderr
