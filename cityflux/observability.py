@@ -108,6 +108,11 @@ class Metrics:
                 values[sample.name.removeprefix("cityflux_") + suffix] = float(sample.value)
         return values
 
+    def value(self, name: str, **labels: str) -> float:
+        """One sample by its name without ``cityflux_``, e.g. ``value("lines_written_total")``."""
+        sample = self.registry.get_sample_value(f"cityflux_{name}", labels or None)
+        return 0.0 if sample is None else sample
+
     def rejected_total(self) -> float:
         return sum(v for k, v in self.snapshot().items() if k.startswith("rejections_total."))
 

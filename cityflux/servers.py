@@ -9,7 +9,6 @@ binary raises :class:`ServerError` naming the package to install: never a silent
 from __future__ import annotations
 
 import getpass
-import os
 import shutil
 import signal
 import socket
@@ -280,9 +279,3 @@ class LocalVictoriaMetrics(LocalServer):
 
     def ready(self) -> bool:
         return _http_ok(f"{self.url}/health")
-
-
-def environment_url(variable: str) -> str | None:
-    """An external server's URL from the environment, if the user gave one."""
-    value = os.environ.get(variable, "").strip()
-    return value or None

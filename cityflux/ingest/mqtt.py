@@ -103,7 +103,8 @@ class MqttConsumer:
         self._stopping.set()
         self._send(DISCONNECT_PACKET)
         self._close_socket()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=10)
         if self.publisher.is_connected():
             info = self.publisher.publish(self.status_topic, OFFLINE, qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):  # raced with a disconnect
@@ -224,15 +225,18 @@ class MqttConsumer:
 
     def _send(self, data: bytes) -> bool:
         with self._send_lock:
-            sock = self._sock
-            if sock is None:
-                return False
-            try:
-                sock.sendall(data)
-            except OSError:
-                return False
-            self._last_sent = time.monotonic()
-            return True
+            return self._send_locked(data)
+
+    def _send_locked(self, data: bytes) -> bool:
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            sock.sendall(data)
+        except OSError:
+            return False
+        self._last_sent = time.monotonic()
+        return True
 
     def _connect_options(self) -> ConnectOptions:
         return ConnectOptions(
@@ -270,11 +274,13 @@ class MqttConsumer:
 
     def ack(self, batch: MessageBatch) -> bool:
         """Acknowledge a durable batch; False if the connection it came on is gone."""
-        with self._cond:
-            if batch.generation != self._generation:
+        acks = puback_packets([mid for mid in batch.mids if mid])
+        with self._send_lock:  # no reconnect can slip between the check and the send
+            with self._cond:
+                if batch.generation != self._generation:
+                    return False
+            if not self._send_locked(acks):
                 return False
-        if not self._send(puback_packets([mid for mid in batch.mids if mid])):
-            return False
         self.metrics.acked.inc(len(batch))
         return True
 

@@ -250,7 +250,7 @@ class Pipeline:
 
     def health(self) -> dict[str, Any]:
         connected = self.consumer.connected.is_set()
-        spool_full = bool(self.metrics.spool_full._value.get())
+        spool_full = self.metrics.value("spool_full") == 1
         return {
             "healthy": connected and not spool_full,
             "mqtt_connected": connected,

@@ -87,7 +87,7 @@ def test_every_example_lands_exactly(
             mosquitto_pub(broker.port, topic, payload)
         total = sum(len(expected_rows(t, p)) for t, p in readings)
         wait_for(
-            lambda: pipeline.metrics.lines_written._value.get() >= total + 2,
+            lambda: pipeline.metrics.value("lines_written_total") >= total + 2,
             what="all example points written",
         )
         rejected = pipeline.metrics.rejected_total()

@@ -89,15 +89,15 @@ def test_influxdb_outage_under_load_goes_through_the_spool(
     db = InfluxWriter(config.influx)
     with running(Pipeline(config)) as pipeline:
         publisher = publish_in_background(broker.port, readings(n))
-        wait_for(lambda: pipeline.metrics.lines_written._value.get() > 500, what="writes")
+        wait_for(lambda: pipeline.metrics.value("lines_written_total") > 500, what="writes")
         own_influxdb.stop()
-        wait_for(lambda: pipeline.metrics.lines_spooled._value.get() > 1_000, what="spooling")
+        wait_for(lambda: pipeline.metrics.value("lines_spooled_total") > 1_000, what="spooling")
         publisher.join(120)
-        spooled = pipeline.metrics.lines_spooled._value.get()
+        spooled = pipeline.metrics.value("lines_spooled_total")
         own_influxdb.start()
         wait_for(lambda: pipeline.spool.empty, timeout=60, what="spool drained")
         wait_for(lambda: count_points(db, "pole", "pm25_ugm3") >= n, timeout=60, what=f"{n} points")
-        acked = pipeline.metrics.acked._value.get()
+        acked = pipeline.metrics.value("messages_acked_total")
     assert count_points(db, "pole", "pm25_ugm3") == n
     assert spooled > 1_000
     assert acked >= n
@@ -117,12 +117,12 @@ def test_full_spool_holds_acks_and_the_broker_keeps_the_rest(
     own_influxdb.stop()
     with running(Pipeline(config)) as pipeline:
         publish_all(broker.port, readings(n))
-        wait_for(lambda: pipeline.metrics.spool_full._value.get() == 1, what="spool full")
-        held = n - pipeline.metrics.acked._value.get()
+        wait_for(lambda: pipeline.metrics.value("spool_full") == 1, what="spool full")
+        held = n - pipeline.metrics.value("messages_acked_total")
         healthz = pipeline.health()
         own_influxdb.start()
         wait_for(lambda: count_points(db, "pole", "pm25_ugm3") >= n, timeout=90, what=f"{n} points")
-        assert pipeline.metrics.spool_full._value.get() == 0
+        assert pipeline.metrics.value("spool_full") == 0
     assert held > 0  # back-pressure: messages stayed unacknowledged with the broker
     assert healthz["spool_full"] is True and healthz["healthy"] is False
     assert count_points(db, "pole", "pm25_ugm3") == n

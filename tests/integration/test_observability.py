@@ -49,7 +49,7 @@ def test_metrics_healthz_and_health_points(
         assert pipeline.server is not None
         base = f"http://127.0.0.1:{pipeline.server.port}"
         publish_all(broker.port, good + bad)
-        wait_for(lambda: pipeline.metrics.acked._value.get() >= 33, what="acks")
+        wait_for(lambda: pipeline.metrics.value("messages_acked_total") >= 33, what="acks")
         status, text = get(f"{base}/metrics")
         health_status, health = get(f"{base}/healthz")
         missing_status = get(f"{base}/nowhere")[0]

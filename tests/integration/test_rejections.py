@@ -113,7 +113,7 @@ def test_every_rejection_is_dead_lettered_counted_and_harmless(
             wait_for(lambda: len(watcher.messages) >= len(HOSTILE), what="dead letters")
             wait_for(lambda: select(db, "SELECT * FROM pole"), what="the good reading")
             counted = {
-                r.value: pipeline.metrics.rejected.labels(r.value)._value.get() for r in Reason
+                r.value: pipeline.metrics.value("rejections_total", reason=r.value) for r in Reason
             }
     finally:
         watcher.close()

@@ -45,8 +45,8 @@ def test_pipeline_writes_through_the_v2_api(
     ]
     with running(Pipeline(config)) as pipeline:
         publish_all(broker.port, payloads)
-        wait_for(lambda: pipeline.metrics.lines_written._value.get() >= 100, what="writes")
-        assert pipeline.metrics.lines_spooled._value.get() == 0
+        wait_for(lambda: pipeline.metrics.value("lines_written_total") >= 100, what="writes")
+        assert pipeline.metrics.value("lines_spooled_total") == 0
     series = wait_for(
         lambda: export(victoria, f'{{__name__="pole_pm25_ugm3",device_id="{device}"}}'),
         what="exported series",

@@ -36,8 +36,8 @@ def test_field_type_conflict_is_dead_lettered(
             publish_all(broker.port, [*good[:20], conflicting, *good[20:]])
             wait_for(lambda: watcher.messages, what="the write_rejected dead letter")
             wait_for(lambda: count_points(db, "pole", "noise_dba") >= 40, what="the good 40")
-            rejected = pipeline.metrics.rejected.labels("write_rejected")._value.get()
-            spooled = pipeline.metrics.lines_spooled._value.get()
+            rejected = pipeline.metrics.value("rejections_total", reason="write_rejected")
+            spooled = pipeline.metrics.value("lines_spooled_total")
     finally:
         watcher.close()
     letter = watcher.decoded()[0]
