@@ -148,3 +148,23 @@ def test_broker_restart_loses_nothing_of_the_persistent_session(
         publish_all(broker.port, readings(n, offset=2 * n))
         wait_for(lambda: count_points(db, "pole", "pm25_ugm3") >= 3 * n, what="third batch")
     assert count_points(db, "pole", "pm25_ugm3") == 3 * n
+
+
+def test_spool_survives_a_restart_and_drains(
+    broker: LocalMosquitto, config: Config, own_influxdb: LocalInfluxDB
+) -> None:
+    n = 2_000
+    config = _own_db_config(config, own_influxdb)
+    db = InfluxWriter(config.influx)
+    db.ensure_database()
+    own_influxdb.stop()
+    with running(Pipeline(config)) as pipeline:
+        publish_all(broker.port, readings(n))
+        wait_for(lambda: pipeline.metrics.value("messages_acked_total") >= n, what="all spooled")
+        spooled = len(pipeline.spool)
+    assert spooled > 0  # acknowledged because they are on disk, not in the database
+    own_influxdb.start()
+    with running(Pipeline(config)) as restarted:  # a new process would find the same files
+        wait_for(lambda: restarted.spool.empty, timeout=60, what="spool drained")
+        wait_for(lambda: count_points(db, "pole", "pm25_ugm3") >= n, what=f"{n} points")
+    assert count_points(db, "pole", "pm25_ugm3") == n
