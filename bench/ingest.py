@@ -107,6 +107,13 @@ def main() -> None:
     parser.add_argument(
         "--no-gzip", action="store_true", help="cityflux sends uncompressed bodies (loopback)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a cityflux setting for the cityflux runs, e.g. --set ingest.batch_size=10000",
+    )
     args = parser.parse_args()
     n = args.messages
     stream = mixed_stream(n)
@@ -163,6 +170,7 @@ def main() -> None:
                     "spool.dir": str(tmp / f"spool-{api}"),
                     "metrics.port": metrics_port,
                     "influx.gzip": not args.no_gzip,
+                    **dict(item.split("=", 1) for item in args.set),
                 }
             )
             target = "InfluxDB 1.x /write" if api == "v1" else "VM /api/v2/write"

@@ -85,7 +85,7 @@ class InfluxConfig(Base, frozen=True):
 
 
 class IngestConfig(Base, frozen=True):
-    batch_size: int = 5_000  # messages per batch (keep below mqtt.receive_maximum)
+    batch_size: int = 10_000  # messages per batch (see the receive_maximum check below)
     flush_interval_s: float = 0.2
     # batches written concurrently: lets the database parse one while it stores another
     write_concurrency: int = 2
