@@ -77,7 +77,9 @@ class InfluxConfig(Base, frozen=True):
     bucket: str = "cityflux"
     token: str | None = None
     create_database: bool = True  # v1 only: CREATE DATABASE at start (idempotent)
-    gzip: bool = True
+    # off by default, as in Telegraf's InfluxDB v1 output: on a LAN compression costs both
+    # sides more CPU than it saves (docs/performance.md); turn it on across a WAN
+    gzip: bool = False
     timeout_s: float = 10.0
     max_retries: int = 3  # per batch, before the batch goes to the spool
     retry_base_s: float = 0.2
