@@ -1,9 +1,7 @@
 """The ingest loop: MQTT batch -> decode -> validate -> line protocol -> durable sink -> ack.
 
-One :class:`Pipeline` per worker process. The loop is the only thread that acknowledges, and it
-acknowledges a batch only after the sink made it durable (database or fsynced spool) and its dead
-letters were handed to the client ahead of the acks (same connection, so the broker sees the dead
-letters before it sees the acks).
+One :class:`Pipeline` per worker process. A batch is acknowledged only after the sink made it
+durable (database or fsynced spool) and the broker confirmed its dead letters.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cityflux.config import Config
-from cityflux.errors import SpoolFull
+from cityflux.errors import SpoolFull, StoreError
 from cityflux.ingest.batch import Rejection
 from cityflux.ingest.contract import Reason
 from cityflux.ingest.deadletter import DeadLetterFactory
@@ -77,7 +75,7 @@ class Pipeline:
     def _prepare_database(self) -> None:
         try:
             self.writer.ensure_database()
-        except Exception as exc:
+        except StoreError as exc:
             log.warning("database not ready at start (%s); writes go to the spool", exc)
 
     def run(self) -> None:
@@ -131,10 +129,6 @@ class Pipeline:
             self.server.stop()
 
     # -- one batch ------------------------------------------------------------------------
-    def process(self, batch: MessageBatch) -> bool:
-        """Decode, validate, store durably, dead-letter, acknowledge. False if not acked."""
-        return self.commit(batch, self.transform(batch, time.time_ns()))
-
     def commit(self, batch: MessageBatch, outcome: BatchOutcome) -> bool:
         """Store durably, dead-letter, acknowledge. False if not acknowledged."""
         result = self._write_durably(outcome.lines)
@@ -163,7 +157,7 @@ class Pipeline:
             good, bad = validate(columns, self.config.ingest, now_ns)
             rejections += bad
             outcome.lines += self.encoder.encode(good)
-            outcome.accepted["status" if kind == "status" else kind] = good.readings()
+            outcome.accepted[kind] = good.readings()
             if len(good):
                 newest = max(newest, int(good.ts_ns.max()))
         if newest:
