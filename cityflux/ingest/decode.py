@@ -156,7 +156,11 @@ class BatchDecoder:
         if isinstance(generic, Rejection):
             rejections.append(Rejection(generic.reason, generic.message, index))
             return
-        if not isinstance(generic, list):
+        # an array with a number too large for a float is still an array: judge each reading
+        is_array = isinstance(generic, list) or (
+            generic is NUMBER_OUT_OF_RANGE and payload.lstrip().startswith(b"[")
+        )
+        if not is_array:
             rejections.append(self._explain(topic, payload, index, None))
             return
         elements = self._raw_list.decode(payload)

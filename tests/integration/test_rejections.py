@@ -149,13 +149,14 @@ def test_one_bad_reading_rejects_that_reading_only(
 ) -> None:
     batch = (
         f'[{{"ts": {NOW_MS}, "pm25_ugm3": 1.0}}, {{"ts": {NOW_MS + 1}, "pm25_ugm3": -5}}, '
-        f'{{"ts": {NOW_MS + 2}, "pm25_ugm3": "x"}}, {{"ts": {NOW_MS + 3}, "pm25_ugm3": 3.0}}]'
+        f'{{"ts": {NOW_MS + 2}, "pm25_ugm3": "x"}}, {{"ts": {NOW_MS + 3}, "pm25_ugm3": 3.0}}, '
+        f'{{"ts": {NOW_MS + 4}, "pm25_ugm3": 1e400}}]'
     )
     watcher = Subscriber(broker.port, "cityflux/v1/deadletter/#")
     try:
         with running(Pipeline(config)):
             publish_all(broker.port, [(POLE, batch.encode())])
-            wait_for(lambda: len(watcher.messages) >= 2, what="two dead letters")
+            wait_for(lambda: len(watcher.messages) >= 3, what="three dead letters")
             rows = wait_for(
                 lambda: len(r := select(db, "SELECT * FROM pole")) >= 2 and r,
                 what="the two good readings",
@@ -164,7 +165,11 @@ def test_one_bad_reading_rejects_that_reading_only(
         watcher.close()
     assert [row["pm25_ugm3"] for row in rows] == [1.0, 3.0]
     letters = sorted(watcher.decoded(), key=lambda letter: letter["reading"])
-    assert [(x["reason"], x["reading"]) for x in letters] == [("out_of_range", 1), ("schema", 2)]
+    assert [(x["reason"], x["reading"]) for x in letters] == [
+        ("out_of_range", 1),
+        ("schema", 2),
+        ("out_of_range", 4),
+    ]
 
 
 @pytest.mark.parametrize("lanes", [[], [{"lane": 1, "count": 1, "occupancy_pct": 1}] * 2])
