@@ -72,6 +72,3 @@ class Decoded:
     columns: dict[str, Columns]
     rejections: list[Rejection]
     ignored: int = 0  # cityflux's own topics (dead letters, alerts) seen on the wildcard
-
-    def accepted_readings(self) -> int:
-        return sum(columns.readings() for columns in self.columns.values())

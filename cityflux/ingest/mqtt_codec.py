@@ -159,9 +159,6 @@ class PacketReader:
         self._pending = buf[pos:]
         return parsed
 
-    def reset(self) -> None:
-        self._pending = b""
-
 
 def _skip_properties(buf: bytes, pos: int) -> int:
     length, multiplier = 0, 1

@@ -160,11 +160,13 @@ class DurableSink:
         self.metrics.spool_records.set(len(self.spool))
 
 
+def _body(record: SpoolRecord) -> bytes:
+    return gzip.decompress(record.body) if record.gzip else record.body
+
+
 def _lines(record: SpoolRecord) -> list[str]:
-    body = gzip.decompress(record.body) if record.gzip else record.body
-    return body.decode("utf-8").split("\n")
+    return _body(record).decode("utf-8").split("\n")
 
 
 def _line_count(record: SpoolRecord) -> int:
-    body = gzip.decompress(record.body) if record.gzip else record.body
-    return body.count(b"\n") + 1
+    return _body(record).count(b"\n") + 1
