@@ -79,7 +79,7 @@ class BatchDecoder:
             if type(parsed) is DeviceTopic and not parsed.is_status and len(payload) <= limit:
                 try:
                     value = typed[parsed.kind].decode(payload)
-                except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+                except _DECODE_ERRORS:
                     self._salvage(parsed, payload, index, rows[parsed.kind], rejections)
                     continue
                 if type(value) is list:
@@ -199,7 +199,7 @@ class BatchDecoder:
                 continue
             try:
                 decoder.decode(payload)
-            except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            except _DECODE_ERRORS:
                 continue
             return other
         return None
@@ -214,7 +214,7 @@ class BatchDecoder:
     ) -> None:
         try:
             status = self._status.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        except _DECODE_ERRORS:
             generic = _generic_json(payload)
             if isinstance(generic, Rejection):
                 rejections.append(Rejection(generic.reason, generic.message, index))
@@ -227,6 +227,11 @@ class BatchDecoder:
             rejections.append(Rejection(Reason.SCHEMA, message, index))
             return
         rows.add(status, index, 0, topic)
+
+
+# msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 inside a string that
+# a typed field reads, e.g. {"device_id": "\xff"}: the slow path then names it invalid_utf8.
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
 
 
 def _generic_json(payload: bytes) -> Any:

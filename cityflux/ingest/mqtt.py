@@ -130,10 +130,7 @@ class MqttConsumer:
             self._stopping.wait(max(delay, self.config.reconnect_min_s / 2))
 
     def _connect(self) -> PacketReader:
-        sock = socket.create_connection((self.config.host, self.config.port), timeout=10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.config.tls.enabled or self.config.url.startswith("mqtts://"):
-            sock = self._tls_context().wrap_socket(sock, server_hostname=self.config.host)
+        sock = open_socket(self.config)
         self._sock = sock
         reader = PacketReader(self.version)
         self._send(connect_packet(self._connect_options()))
@@ -212,7 +209,7 @@ class MqttConsumer:
         with self._cond:
             self._generation += 1
             self._batch = MessageBatch(generation=self._generation)
-        if was_connected:
+        if was_connected and not self._stopping.is_set():
             log.warning(
                 "disconnected from %s; unacknowledged messages will be redelivered", self.config.url
             )
@@ -249,15 +246,6 @@ class MqttConsumer:
             receive_maximum=min(self.config.receive_maximum, 65_535),
         )
 
-    def _tls_context(self) -> ssl.SSLContext:
-        tls = self.config.tls
-        context = ssl.create_default_context(cafile=tls.ca_file)
-        if tls.cert_file:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-        if tls.insecure:
-            context.check_hostname = False
-        return context
-
     # -- the pipeline's side ----------------------------------------------------------------
     def take(self, max_messages: int, wait_s: float) -> MessageBatch:
         """Up to ``max_messages`` messages, after at most ``wait_s`` seconds of waiting."""
@@ -287,6 +275,21 @@ class MqttConsumer:
     def publish(self, topic: str, payload: bytes) -> paho.MQTTMessageInfo:
         """QoS 1 through paho: queued while disconnected and sent on reconnect."""
         return self.publisher.publish(topic, payload, qos=1)
+
+
+def open_socket(config: MqttConfig, timeout_s: float = 10.0) -> socket.socket:
+    """A TCP (or TLS, for ``mqtts://`` or ``tls.enabled``) connection to the broker."""
+    sock = socket.create_connection((config.host, config.port), timeout=timeout_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if config.tls.enabled or config.url.startswith("mqtts://"):
+        tls = config.tls
+        context = ssl.create_default_context(cafile=tls.ca_file)
+        if tls.cert_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        if tls.insecure:
+            context.check_hostname = False
+        sock = context.wrap_socket(sock, server_hostname=config.host)
+    return sock
 
 
 def _make_publisher(config: MqttConfig, client_id: str, status_topic: str) -> paho.Client:

@@ -56,12 +56,20 @@ class ConnectOptions:
     password: str | None = None
     session_expiry_s: int = 0  # MQTT 5
     receive_maximum: int = 65_535  # MQTT 5
+    clean: bool = False  # False: a persistent session (the consumer); publishers need none
+    will_topic: str | None = None  # the last will, sent QoS 1 and retained
+    will_payload: bytes = b""
 
 
 def connect_packet(options: ConnectOptions) -> bytes:
-    """CONNECT for a persistent session (clean session / clean start = 0)."""
-    flags = 0
+    """CONNECT (MQTT 3.1.1 section 3.1; MQTT 5 section 3.1)."""
+    flags = 0x02 if options.clean else 0
     payload = _string(options.client_id)
+    if options.will_topic is not None:
+        flags |= 0x04 | 0x08 | 0x20  # will flag, will QoS 1, will retain
+        if options.version == V5:
+            payload += b"\x00"  # no will properties
+        payload += _string(options.will_topic) + _string(options.will_payload)
     if options.username is not None:
         flags |= 0x80
         payload += _string(options.username)
@@ -87,6 +95,17 @@ def subscribe_packet(packet_id: int, topic: str, qos: int, version: int) -> byte
     if version == V5:
         body += b"\x00"  # no properties
     return _packet((SUBSCRIBE << 4) | 0x02, body + _string(topic) + bytes([qos]))
+
+
+def publish_packet(
+    topic: str, payload: bytes, packet_id: int, version: int, retain: bool = False
+) -> bytes:
+    """PUBLISH at QoS 1 (``packet_id`` > 0) or QoS 0 (``packet_id`` == 0)."""
+    first = (PUBLISH << 4) | (0x02 if packet_id else 0) | (0x01 if retain else 0)
+    body = _string(topic) + (packet_id.to_bytes(2, "big") if packet_id else b"")
+    if version == V5:
+        body += b"\x00"  # no properties
+    return _packet(first, body + payload)
 
 
 def puback_packets(packet_ids: list[int]) -> bytes:

@@ -1,8 +1,7 @@
-"""The ``cityflux`` command (also ``python -m cityflux``)."""
+"""``cityflux check-config``, ``run`` and ``up``: the ingest side."""
 
 from __future__ import annotations
 
-import logging
 import signal
 import subprocess
 import sys
@@ -14,39 +13,22 @@ from typing import Annotated
 
 import msgspec
 import typer
-from rich.console import Console
 from rich.live import Live
-from rich.logging import RichHandler
 from rich.table import Table
 
-from cityflux.config import Config, load_config
+from cityflux.cli.common import (
+    ConfigOption,
+    app,
+    console,
+    load_or_exit,
+    local_stack,
+    setup_logging,
+)
+from cityflux.config import Config
 from cityflux.errors import CityfluxError
 from cityflux.ingest.pipeline import Pipeline
-from cityflux.servers import LocalInfluxDB, LocalMosquitto
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(stderr=True)
-
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML file (default: $CITYFLUX_CONFIG)")
-]
 SECRETS = ("password", "token")
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
-
-
-def _load(path: Path | None) -> Config:
-    try:
-        return load_config(path)
-    except CityfluxError as exc:
-        console.print(f"[red]configuration error:[/] {exc}")
-        raise typer.Exit(2) from exc
 
 
 def _masked(config: Config) -> object:
@@ -61,7 +43,7 @@ def _masked(config: Config) -> object:
 @app.command("check-config")
 def check_config(config: ConfigOption = None) -> None:
     """Validate the configuration and print the effective values (secrets masked)."""
-    loaded = _load(config)
+    loaded = load_or_exit(config)
     console.print_json(msgspec.json.encode(_masked(loaded)).decode())
     console.print("[green]configuration is valid[/]")
 
@@ -74,8 +56,8 @@ def run(
     verbose: bool = False,
 ) -> None:
     """Ingest: MQTT -> validate -> InfluxDB, until SIGINT/SIGTERM."""
-    _setup_logging(verbose)
-    loaded = _load(config)
+    setup_logging(verbose)
+    loaded = load_or_exit(config)
     if workers > 1 and worker_index < 0:
         raise typer.Exit(_supervise(config, workers, verbose))
     pipeline = Pipeline(loaded, max(worker_index, 0), workers)
@@ -124,30 +106,20 @@ def up(
     duration: Annotated[float, typer.Option(help="stop after this many seconds (0: never)")] = 0,
 ) -> None:
     """Start a local mosquitto and InfluxDB, and ingest from one into the other."""
-    _setup_logging(False)
+    setup_logging(False)
     with ExitStack() as stack:
-        broker = stack.enter_context(LocalMosquitto(data_dir / "mosquitto"))
-        influx = stack.enter_context(LocalInfluxDB(data_dir / "influxdb"))
-        config = _load(None).with_overrides(
-            {
-                "mqtt.url": broker.url,
-                "influx.url": influx.url,
-                "influx.api": "v1",
-                "spool.dir": str(data_dir / "spool"),
-                "metrics.port": 0,  # any free port: 9108 may be taken by a `cityflux run`
-            }
-        )
+        config = local_stack(stack, data_dir)
         pipeline = Pipeline(config)
         pipeline.start(wait_connected_s=10)
         stack.callback(pipeline.close)
         console.print(
-            f"[bold]cityflux is up[/]: broker {broker.url}, InfluxDB {influx.url} "
+            f"[bold]cityflux is up[/]: broker {config.mqtt.url}, InfluxDB {config.influx.url} "
             f"(database {config.influx.database}), metrics "
             f"http://127.0.0.1:{pipeline.server.port if pipeline.server else 0}/metrics\n"
-            f"publish:  mosquitto_pub -p {broker.port} -q 1 -t "
+            f"publish:  mosquitto_pub -p {config.mqtt.port} -q 1 -t "
             'cityflux/v1/centre/pole/pole-1 -m \'{"ts": '
             f'{time.time_ns() // 1_000_000}, "pm25_ugm3": 12.5}}\'\n'
-            f"query:    curl -G {influx.url}/query --data-urlencode db=cityflux "
+            f"query:    curl -G {config.influx.url}/query --data-urlencode db=cityflux "
             "--data-urlencode 'q=SELECT * FROM pole'"
         )
         _run_with_status(pipeline, duration)
@@ -188,7 +160,3 @@ def _status_table(pipeline: Pipeline) -> Table:
         if key.startswith(("readings_accepted_total.", "rejections_total.")) and value:
             table.add_row(key, f"{value:,.0f}")
     return table
-
-
-def main() -> None:
-    app()

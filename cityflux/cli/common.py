@@ -1,0 +1,69 @@
+"""What every command shares: the console, logging, and loading the configuration."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from cityflux.config import Config, load_config
+from cityflux.errors import CityfluxError
+from cityflux.servers import LocalInfluxDB, LocalMosquitto
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="cityflux: street-level IoT -> validated readings -> analytics -> InfluxDB.",
+)
+console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML file (default: $CITYFLUX_CONFIG)")
+]
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+def load_or_exit(path: Path | None) -> Config:
+    try:
+        return load_config(path)
+    except CityfluxError as exc:
+        console.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def local_stack(
+    stack: ExitStack,
+    data_dir: Path,
+    mqtt_url: str | None = None,
+    influx_url: str | None = None,
+    config_path: Path | None = None,
+) -> Config:
+    """The configuration, with a mosquitto and an InfluxDB 1.x started as child processes on
+    free loopback ports (data under ``data_dir``) unless their URLs are given; ``stack``
+    stops what was started."""
+    overrides: dict[str, object] = {
+        "spool.dir": str(data_dir / "spool"),
+        "metrics.port": 0,  # any free port: 9108 may be taken by a `cityflux run`
+    }
+    if mqtt_url:
+        overrides["mqtt.url"] = mqtt_url
+    else:
+        overrides["mqtt.url"] = stack.enter_context(LocalMosquitto(data_dir / "mosquitto")).url
+    if influx_url:
+        overrides["influx.url"] = influx_url
+    else:
+        overrides["influx.url"] = stack.enter_context(LocalInfluxDB(data_dir / "influxdb")).url
+        overrides["influx.api"] = "v1"
+    return load_or_exit(config_path).with_overrides(overrides)

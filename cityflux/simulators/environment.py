@@ -1,0 +1,185 @@
+"""Smart poles and manhole covers: air, noise, light, water, gas and batteries.
+
+Simple, documented models (docs/simulators.md) whose point is to be *plausible and
+controllable*, so the analytics can be scored against known episodes:
+
+* PM2.5: a daily cycle (high at night and in the morning, low in the afternoon when the mixing
+  layer is deep), a roadside term proportional to the traffic on the pole's segment, haze
+  episodes added on top, washed out by rain; lognormal sensor noise. PM10 = PM2.5 x 1.4-1.9.
+* Noise: road traffic noise grows with 10 log10 of the flow (energy doubles with the flow),
+  summed by energy with a day/night background.
+* Lamps: on while the sun is below the civil-dusk threshold (solar elevation from the NOAA
+  approximations), drawing their rated power; failed lamps burn by day, stay dark at night or
+  draw far from their rating.
+* Manholes: a linear-reservoir water level (rain in, drainage out, each manhole's catchment
+  gain differs), cover-open and tilt events, gas spikes (CH4 with some H2S), battery drain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+
+SUN_THRESHOLD_DEG: Final = -3.0  # photocells switch lamps a little after sunset
+FLOOD_FRACTION: Final = 0.5  # ground truth: water above half the chamber depth is a flood
+STANDBY_W: Final = 0.5
+
+
+def solar_elevation_deg(epoch_s: float, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """Solar elevation angle (NOAA's low-accuracy formulas: about +-0.5 degree)."""
+    days = epoch_s / 86_400.0 - 10_957.5  # days since J2000.0
+    mean_long = math.radians((280.460 + 0.9856474 * days) % 360)
+    anomaly = math.radians((357.528 + 0.9856003 * days) % 360)
+    ecliptic = mean_long + math.radians(1.915 * math.sin(anomaly) + 0.020 * math.sin(2 * anomaly))
+    obliquity = math.radians(23.439 - 0.0000004 * days)
+    declination = math.asin(math.sin(obliquity) * math.sin(ecliptic))
+    right_ascension = math.atan2(math.cos(obliquity) * math.sin(ecliptic), math.cos(ecliptic))
+    sidereal_deg = (280.46061837 + 360.98564736629 * days) % 360
+    hour_angle = np.radians(sidereal_deg + lon) - right_ascension
+    lat_r = np.radians(lat)
+    sin_el = np.sin(lat_r) * math.sin(declination) + np.cos(lat_r) * math.cos(declination) * np.cos(
+        hour_angle
+    )
+    elevation: np.ndarray = np.degrees(np.arcsin(np.clip(sin_el, -1, 1)))
+    return elevation
+
+
+def bell(t: float, start: float, duration: float) -> float:
+    """0 outside [start, start + duration], a smooth sine hump of height 1 inside."""
+    if not start <= t <= start + duration or duration <= 0:
+        return 0.0
+    return math.sin(math.pi * (t - start) / duration) ** 2
+
+
+def daily_cycle(local_hour: float) -> float:
+    """PM2.5 background multiplier: ~1.25 at 07:00 and at night, ~0.75 mid-afternoon."""
+    return 1.0 + 0.25 * math.cos(2 * math.pi * (local_hour - 5.0) / 24.0)
+
+
+@dataclass(slots=True)
+class PoleState:
+    """Per-pole constants and faults, arrays indexed like ``city.poles``."""
+
+    lon: np.ndarray
+    lat: np.ndarray
+    rated_w: np.ndarray
+    district: np.ndarray  # district index
+    background_pm25: np.ndarray
+    coarse_ratio: np.ndarray
+    lamp_mode: np.ndarray  # 0 ok, 1 burns by day, 2 dark at night, 3 power off rating
+    lamp_power_factor: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lamp_power_factor = np.where(self.lamp_mode == 3, 0.55, 1.0)
+
+
+def pole_readings(
+    state: PoleState,
+    index: np.ndarray,
+    epoch_s: float,
+    local_hour: float,
+    traffic_share: np.ndarray,
+    rain_mm_h: np.ndarray,
+    haze_ugm3: np.ndarray,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """Readings of the poles in ``index`` at ``epoch_s``. Per-district arrays are by index.
+
+    ``traffic_share`` is the flow on each pole's segment over its capacity (0..1).
+    """
+    n = len(index)
+    district = state.district[index]
+    washout = 1.0 / (1.0 + rain_mm_h[district] / 5.0)
+    pm25 = (
+        state.background_pm25[index] * daily_cycle(local_hour) * washout
+        + 25.0 * traffic_share
+        + haze_ugm3[district]
+    ) * rng.lognormal(0, 0.08, size=n)
+    pm10 = pm25 * state.coarse_ratio[index] * rng.lognormal(0, 0.05, size=n)
+    night = local_hour < 6 or local_hour >= 22
+    background_db = 40.0 if night else 48.0
+    traffic_db = 45.0 + 10.0 * np.log10(1.0 + traffic_share * 2_000.0 / 10.0)
+    noise = 10 * np.log10(10 ** (traffic_db / 10) + 10 ** (background_db / 10))
+    noise = noise + rng.normal(0, 1.5, size=n)
+    dark = solar_elevation_deg(epoch_s, state.lon[index], state.lat[index]) < SUN_THRESHOLD_DEG
+    mode = state.lamp_mode[index]
+    lamp_on = np.where(mode == 1, True, np.where(mode == 2, False, dark))
+    power = np.where(
+        lamp_on,
+        state.rated_w[index] * state.lamp_power_factor[index] * rng.normal(1, 0.01, size=n),
+        STANDBY_W,
+    )
+    temperature = 14.0 + 6.0 * math.sin(2 * math.pi * (local_hour - 9.0) / 24.0)
+    humidity = np.clip(
+        65.0 - 15.0 * math.sin(2 * math.pi * (local_hour - 9.0) / 24.0) + 5 * rain_mm_h[district],
+        5,
+        100,
+    )
+    return {
+        "lamp_on": lamp_on,
+        "lamp_power_w": np.round(power, 1),
+        "lamp_fault": (mode == 2) & dark,  # a dark lamp's driver reports it; day-burners do not
+        "pm25_ugm3": np.round(np.clip(pm25, 0, 1_000), 1),
+        "pm10_ugm3": np.round(np.clip(pm10, 0, 2_000), 1),
+        "noise_dba": np.round(np.clip(noise, 20, 140), 1),
+        "temperature_c": np.round(temperature + rng.normal(0, 0.3, size=n), 1),
+        "humidity_pct": np.round(humidity + rng.normal(0, 1.0, size=n), 1).clip(0, 100),
+    }
+
+
+@dataclass(slots=True)
+class ManholeState:
+    """Per-manhole constants and evolving state, arrays indexed like ``city.manholes``."""
+
+    district: np.ndarray
+    depth_cm: np.ndarray
+    gain_cm_per_mm: np.ndarray  # water level rise per mm of rain (catchment, low ground)
+    base_level_cm: np.ndarray
+    battery_pct: np.ndarray
+    drain_pct_per_day: np.ndarray
+    level_cm: np.ndarray = field(init=False)
+    # events: the cover is open in [open_from, open_until), gas high in [gas_from, gas_until)
+    open_from: np.ndarray = field(init=False)
+    open_until: np.ndarray = field(init=False)
+    gas_from: np.ndarray = field(init=False)
+    gas_until: np.ndarray = field(init=False)
+    gas_peak: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.level_cm = self.base_level_cm.copy()
+        n = len(self.depth_cm)
+        self.open_from, self.open_until = np.zeros(n), np.zeros(n)
+        self.gas_from, self.gas_until, self.gas_peak = np.zeros(n), np.zeros(n), np.zeros(n)
+
+    def step(self, step_s: float, rain_mm_h: np.ndarray) -> None:
+        """Linear reservoir: dh/dt = gain x rain - (h - base) / 1 h."""
+        hours = step_s / 3_600
+        inflow = self.gain_cm_per_mm * rain_mm_h[self.district] * hours
+        drained = (self.level_cm - self.base_level_cm) * min(hours / 1.0, 1.0)
+        self.level_cm = np.clip(self.level_cm + inflow - drained, 0, self.depth_cm)
+        self.battery_pct = np.maximum(
+            self.battery_pct - self.drain_pct_per_day * step_s / 86_400, 0
+        )
+
+    def flooded(self) -> np.ndarray:
+        return self.level_cm > FLOOD_FRACTION * self.depth_cm
+
+
+def manhole_readings(
+    state: ManholeState, index: np.ndarray, epoch_s: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    n = len(index)
+    is_open = (state.open_from[index] <= epoch_s) & (epoch_s < state.open_until[index])
+    gas = (state.gas_from[index] <= epoch_s) & (epoch_s < state.gas_until[index])
+    return {
+        "cover_open": is_open,
+        "tilt_deg": np.round(np.where(is_open, rng.uniform(12, 40, n), rng.uniform(0, 2, n)), 1),
+        "water_level_cm": np.round(state.level_cm[index] + rng.normal(0, 0.5, n), 1).clip(0, 1_000),
+        "ch4_pct_lel": np.round(np.where(gas, state.gas_peak[index], rng.uniform(0, 1.5, n)), 1),
+        "h2s_ppm": np.round(np.where(gas, state.gas_peak[index] / 4, rng.uniform(0, 0.8, n)), 1),
+        "battery_pct": np.round(state.battery_pct[index], 1),
+        "temperature_c": np.round(12.0 + rng.normal(0, 0.5, n), 1),
+    }
