@@ -170,12 +170,14 @@ def _view(state: DemoState) -> Group:
     overview.add_row("devices online", f"{devices - sim.expected.offline_now:,} / {devices:,}")
     overview.add_row("points written", f"{metrics.value('lines_written_total'):,.0f}")
     overview.add_row("spooled (InfluxDB down)", f"{metrics.value('lines_spooled_total'):,.0f}")
-    rejections = Table(title="rejections by reason")
+    rejections = Table(title="rejections by reason", min_width=40)
     rejections.add_column("reason")
     rejections.add_column("count", justify="right")
     for key, value in sorted(metrics.snapshot().items()):
         if key.startswith("rejections_total.") and value:
             rejections.add_row(key.split(".", 1)[1], f"{value:,.0f}")
+    if not rejections.row_count:
+        rejections.add_row("(none)", "0")
     districts = Table(title="per district: readings published, points in InfluxDB")
     for column in ("district", "published", "pole", "manhole", "traffic (per lane)"):
         districts.add_column(column, justify="right")

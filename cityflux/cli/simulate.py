@@ -188,6 +188,7 @@ def record(
         recorder.start()
     except (CityfluxError, OSError) as exc:
         raise _fail(exc) from exc
+    console.print(f"subscribed to {topic} on {loaded.mqtt.url}; recording to {out}")
     deadline = time.monotonic() + duration if duration else math.inf
     began = time.monotonic()
     try:

@@ -88,9 +88,7 @@ def generate_city(spec: CitySpec) -> CityMap:
     for index, district in enumerate(districts):
         origin = ((index % columns) * DISTRICT_SIDE_M, (index // columns) * DISTRICT_SIDE_M)
         for line in range(lines_per_district):
-            road_class: RoadClass = (
-                "arterial" if line < 2 else ("secondary" if line % 3 else "branch")
-            )
+            road_class = _road_class(line, lines_per_district)
             horizontal = line % 2 == 0
             offset = (line // 2 + 0.5) * DISTRICT_SIDE_M / math.ceil(lines_per_district / 2)
             start, end = _line_ends(origin, offset, horizontal)
@@ -121,6 +119,13 @@ def generate_city(spec: CitySpec) -> CityMap:
         poles=poles,
         manholes=manholes,
     )
+
+
+def _road_class(line: int, lines: int) -> RoadClass:
+    """Line 0 is an arterial (line 1 too in bigger districts); then secondary and branch."""
+    if line == 0 or (line == 1 and lines >= 4):
+        return "arterial"
+    return "branch" if line % 3 == 2 else "secondary"
 
 
 def _district_name(index: int) -> str:

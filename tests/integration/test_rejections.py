@@ -21,7 +21,13 @@ GOOD = f'{{"ts": {NOW_MS}, "pm25_ugm3": 10.0}}'.encode()
 # (case, topic, payload, reason, rejected reading index or None for the whole message)
 HOSTILE: list[tuple[str, str, bytes, Reason, int | None]] = [
     ("not utf-8", POLE, b'{"ts": 1, "pm25_ugm3": "\xff\xfe"}', Reason.INVALID_UTF8, None),
-    ("not utf-8 in a typed string", POLE, b'{"ts": 1, "device_id": "\xff\xfe"}', Reason.INVALID_UTF8, None),
+    (
+        "not utf-8 in a typed string",
+        POLE,
+        b'{"ts": 1, "device_id": "\xff\xfe"}',
+        Reason.INVALID_UTF8,
+        None,
+    ),
     ("truncated json", POLE, b'{"ts": 1, "pm25_ugm3": 1', Reason.INVALID_JSON, None),
     ("NaN", POLE, f'{{"ts": {NOW_MS}, "pm25_ugm3": NaN}}'.encode(), Reason.INVALID_JSON, None),
     (
