@@ -111,12 +111,43 @@ class MetricsConfig(Base, frozen=True):
     health_interval_s: float = 10.0  # how often pipeline counters are written to InfluxDB
 
 
+class CaliforniaConfig(Base, frozen=True):
+    """California algorithm thresholds for one site class (docs/analytics.md)."""
+
+    occdf_pct: float = 8.0
+    occrdf: float = 0.5
+    docctd: float = 0.3
+    persistence: int = 1
+    clear_after: int = 2
+
+
+class AnalyticsConfig(Base, frozen=True):
+    enabled: bool = True
+    city_map: str = "examples/city-map.json"  # the map the indices and rules refer to
+    utc_offset_h: float = 8.0  # the city's time zone: day/night noise limits, local hours
+    pane_s: float = 60.0  # tumbling window of the traffic indices; panes of the sliding one
+    sliding_panes: int = 5  # the sliding window: 5 x 60 s
+    env_pane_s: float = 300.0  # air, noise and lamps are evaluated every 5 minutes ...
+    env_window_s: float = 3600.0  # ... over the last hour (HJ 633 hourly AQI, hourly Leq)
+    delay_s: float = 120.0  # watermark = newest event time - delay: on-time out-of-orderness
+    lateness_s: float = 300.0  # late readings within this update their window; later: dropped
+    idle_flush_s: float = 10.0  # no new readings for this long: close every open window
+    checkpoint_dir: str = "var/analytics"
+    checkpoint_interval_s: float = 30.0
+    alerts_db: str = "var/analytics/alerts.sqlite"
+    rules_file: str | None = None  # None: cityflux/analytics/rules.toml
+    aqi_table: Literal["HJ633-2012", "HJ633-2026"] = "HJ633-2012"
+    lamp_power_tolerance: float = 0.25  # share of rated power
+    california: dict[str, CaliforniaConfig] = {}  # per road class; missing: the defaults
+
+
 class Config(Base, frozen=True):
     mqtt: MqttConfig = MqttConfig()
     influx: InfluxConfig = InfluxConfig()
     ingest: IngestConfig = IngestConfig()
     spool: SpoolConfig = SpoolConfig()
     metrics: MetricsConfig = MetricsConfig()
+    analytics: AnalyticsConfig = AnalyticsConfig()
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with dotted-key overrides applied, e.g. ``{"mqtt.url": "mqtt://h:1"}``."""

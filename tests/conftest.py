@@ -54,6 +54,8 @@ def config(broker: LocalMosquitto, influxdb: LocalInfluxDB, tmp_path: Path) -> C
             "influx.max_retries": 1,
             "ingest.max_past_s": TEN_YEARS_S,
             "spool.dir": str(tmp_path / "spool"),
+            "analytics.checkpoint_dir": str(tmp_path / "analytics"),
+            "analytics.alerts_db": str(tmp_path / "analytics" / "alerts.sqlite"),
             "metrics.port": 0,
             "metrics.health_interval_s": 1.0,
         }

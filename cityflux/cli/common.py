@@ -55,6 +55,8 @@ def local_stack(
     stops what was started."""
     overrides: dict[str, object] = {
         "spool.dir": str(data_dir / "spool"),
+        "analytics.checkpoint_dir": str(data_dir / "analytics"),
+        "analytics.alerts_db": str(data_dir / "analytics" / "alerts.sqlite"),
         "metrics.port": 0,  # any free port: 9108 may be taken by a `cityflux run`
     }
     if mqtt_url:

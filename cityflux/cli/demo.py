@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+import msgspec
 import typer
 from rich.console import Group
 from rich.live import Live
@@ -85,12 +86,16 @@ def demo(
     with ExitStack() as stack:
         try:
             loaded = local_stack(stack, data_dir, mqtt_url, influx_url, config)
-            pipeline = Pipeline(loaded)
-            stack.callback(pipeline.close)
-            pipeline.start(wait_connected_s=15)
             sim = make_simulation(
                 scenario, speed=parse_speed(speed), topic_root=loaded.mqtt.topic_root
             )
+            data_dir.mkdir(parents=True, exist_ok=True)
+            city_map = data_dir / "city-map.json"  # the analytics read the simulated city
+            city_map.write_bytes(msgspec.json.encode(sim.city))
+            loaded = loaded.with_overrides({"analytics.city_map": str(city_map.resolve())})
+            pipeline = Pipeline(loaded)
+            stack.callback(pipeline.close)
+            pipeline.start(wait_connected_s=15)
         except (CityfluxError, OSError, ValueError) as exc:
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(1) from exc

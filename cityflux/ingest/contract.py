@@ -29,6 +29,7 @@ class Reason(StrEnum):
     BAD_TIMESTAMP = "bad_timestamp"
     MISMATCH = "mismatch"
     WRITE_REJECTED = "write_rejected"
+    TOO_LATE = "too_late"  # stored, but after its analytics window closed (docs/analytics.md)
 
 
 @dataclass(frozen=True, slots=True)

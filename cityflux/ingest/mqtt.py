@@ -272,9 +272,9 @@ class MqttConsumer:
         self.metrics.acked.inc(len(batch))
         return True
 
-    def publish(self, topic: str, payload: bytes) -> paho.MQTTMessageInfo:
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> paho.MQTTMessageInfo:
         """QoS 1 through paho: queued while disconnected and sent on reconnect."""
-        return self.publisher.publish(topic, payload, qos=1)
+        return self.publisher.publish(topic, payload, qos=1, retain=retain)
 
 
 def open_socket(config: MqttConfig, timeout_s: float = 10.0) -> socket.socket:

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cityflux.analytics.link import AnalyticsLink
 from cityflux.config import Config
 from cityflux.errors import SpoolFull, StoreError
-from cityflux.ingest.batch import Rejection
+from cityflux.ingest.batch import Columns, Rejection
 from cityflux.ingest.contract import Reason
 from cityflux.ingest.deadletter import DeadLetterFactory
 from cityflux.ingest.decode import BatchDecoder
@@ -57,6 +58,7 @@ class Pipeline:
         self.sink = DurableSink(self.writer, self.spool, self.metrics, self._dead_letter_lines)
         self.metrics_port = config.metrics.port + worker if config.metrics.port else 0
         self.server: MetricsServer | None = None
+        self.analytics = AnalyticsLink(config, self.consumer) if config.analytics.enabled else None
         self.stopping = threading.Event()
         self._next_health = 0.0
         self._handover: queue.Queue[tuple[MessageBatch, BatchOutcome] | None] = queue.Queue(1)
@@ -64,6 +66,8 @@ class Pipeline:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, wait_connected_s: float = 0.0) -> None:
         self._prepare_database()
+        if self.analytics is not None:
+            self.analytics.recover(self.writer)
         self.sink.start_draining()
         if self.config.metrics.enabled:
             self.server = MetricsServer(
@@ -98,6 +102,10 @@ class Pipeline:
                 batch = self.consumer.take(ingest.batch_size, ingest.flush_interval_s)
                 if len(batch):
                     self._hand_over((batch, self.transform(batch, time.time_ns())))
+                elif self.analytics is not None:  # idle: close windows, checkpoint
+                    lines = self.analytics.idle()
+                    if lines:
+                        self._hand_over((MessageBatch(), BatchOutcome(lines=lines)))
                 health = self._health_line()
                 if health is not None:
                     self._hand_over((MessageBatch(), BatchOutcome(lines=[health])))
@@ -123,6 +131,8 @@ class Pipeline:
         self.stopping.set()
 
     def close(self) -> None:
+        if self.analytics is not None:
+            self.analytics.close()
         self.consumer.stop()
         self.sink.stop()
         if self.server is not None:
@@ -153,13 +163,21 @@ class Pipeline:
         outcome = BatchOutcome()
         rejections = decoded.rejections
         newest = 0
+        accepted: dict[str, Columns] = {}
         for kind, columns in decoded.columns.items():
             good, bad = validate(columns, self.config.ingest, now_ns)
             rejections += bad
             outcome.lines += self.encoder.encode(good)
             outcome.accepted[kind] = good.readings()
+            accepted[kind] = good
             if len(good):
                 newest = max(newest, int(good.ts_ns.max()))
+        if self.analytics is not None:
+            if decoded.ignored:
+                outcome.lines += self.analytics.acknowledgements(batch.topics, batch.payloads)
+            lines, late = self.analytics.process(accepted)
+            outcome.lines += lines
+            rejections += late
         if newest:
             self.metrics.event_lag_seconds.set((now_ns - newest) / 1e9)
         # dead letters in the order their messages arrived

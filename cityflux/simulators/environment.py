@@ -8,9 +8,9 @@ controllable*, so the analytics can be scored against known episodes:
   episodes added on top, washed out by rain; lognormal sensor noise. PM10 = PM2.5 x 1.4-1.9.
 * Noise: road traffic noise grows with 10 log10 of the flow (energy doubles with the flow),
   summed by energy with a day/night background.
-* Lamps: on while the sun is below the civil-dusk threshold (solar elevation from the NOAA
-  approximations), drawing their rated power; failed lamps burn by day, stay dark at night or
-  draw far from their rating.
+* Lamps: on while the sun is below the civil-dusk threshold (solar elevation from NOAA's
+  approximations, cityflux/sun.py), drawing their rated power; failed lamps burn by day, stay
+  dark at night or draw far from their rating.
 * Manholes: a linear-reservoir water level (rain in, drainage out, each manhole's catchment
   gain differs), cover-open and tilt events, gas spikes (CH4 with some H2S), battery drain.
 """
@@ -23,28 +23,10 @@ from typing import Final
 
 import numpy as np
 
-SUN_THRESHOLD_DEG: Final = -3.0  # photocells switch lamps a little after sunset
+from cityflux.sun import SUN_BELOW_DEG, solar_elevation_deg
+
 FLOOD_FRACTION: Final = 0.5  # ground truth: water above half the chamber depth is a flood
 STANDBY_W: Final = 0.5
-
-
-def solar_elevation_deg(epoch_s: float, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
-    """Solar elevation angle (NOAA's low-accuracy formulas: about +-0.5 degree)."""
-    days = epoch_s / 86_400.0 - 10_957.5  # days since J2000.0
-    mean_long = math.radians((280.460 + 0.9856474 * days) % 360)
-    anomaly = math.radians((357.528 + 0.9856003 * days) % 360)
-    ecliptic = mean_long + math.radians(1.915 * math.sin(anomaly) + 0.020 * math.sin(2 * anomaly))
-    obliquity = math.radians(23.439 - 0.0000004 * days)
-    declination = math.asin(math.sin(obliquity) * math.sin(ecliptic))
-    right_ascension = math.atan2(math.cos(obliquity) * math.sin(ecliptic), math.cos(ecliptic))
-    sidereal_deg = (280.46061837 + 360.98564736629 * days) % 360
-    hour_angle = np.radians(sidereal_deg + lon) - right_ascension
-    lat_r = np.radians(lat)
-    sin_el = np.sin(lat_r) * math.sin(declination) + np.cos(lat_r) * math.cos(declination) * np.cos(
-        hour_angle
-    )
-    elevation: np.ndarray = np.degrees(np.arcsin(np.clip(sin_el, -1, 1)))
-    return elevation
 
 
 def bell(t: float, start: float, duration: float) -> float:
@@ -104,7 +86,7 @@ def pole_readings(
     traffic_db = 45.0 + 10.0 * np.log10(1.0 + traffic_share * 2_000.0 / 10.0)
     noise = 10 * np.log10(10 ** (traffic_db / 10) + 10 ** (background_db / 10))
     noise = noise + rng.normal(0, 1.5, size=n)
-    dark = solar_elevation_deg(epoch_s, state.lon[index], state.lat[index]) < SUN_THRESHOLD_DEG
+    dark = solar_elevation_deg(epoch_s, state.lon[index], state.lat[index]) < SUN_BELOW_DEG
     mode = state.lamp_mode[index]
     lamp_on = np.where(mode == 1, True, np.where(mode == 2, False, dark))
     power = np.where(

@@ -10,7 +10,7 @@ tags are ids from a strict charset, and free text goes into string fields.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -79,7 +79,11 @@ def encode_point(
 
 # -- columnar batches -------------------------------------------------------------------------
 def _fragments(key: str, column: npt.NDArray[Any]) -> list[str]:
-    """``key=value`` per row, '' where the value is absent."""
+    """``key=value`` per row, '' where the value is absent (NaN, -1 bool, empty string)."""
+    if column.dtype == np.bool_:
+        return [f"{key}=true" if value else f"{key}=false" for value in column.tolist()]
+    if column.dtype == object or column.dtype.kind == "U":
+        return [f"{key}={escape_string_field(str(v))}" if v else "" for v in column.tolist()]
     if column.dtype == np.float64:
         present = (~np.isnan(column)).tolist()
         return [
@@ -90,6 +94,29 @@ def _fragments(key: str, column: npt.NDArray[Any]) -> list[str]:
         table = {1: f"{key}=true", 0: f"{key}=false", BOOL_ABSENT: ""}
         return [table[value] for value in column.tolist()]
     return [f"{key}={value}i" for value in column.tolist()]
+
+
+def encode_table(
+    measurement: str,
+    tags: Mapping[str, Sequence[str]],
+    fields: Mapping[str, npt.NDArray[Any]],
+    ts_ns: int,
+) -> list[str]:
+    """One line per row of a table of results (analytics output); rows with no field present
+    are skipped, NaN fields are left out, empty tag values are dropped."""
+    names = sorted(tags)
+    prefixes = [
+        escape_measurement(measurement)
+        + "".join(f",{escape_key(k)}={escape_key(v)}" for k, v in zip(names, row, strict=True) if v)
+        for row in zip(*(tags[k] for k in names), strict=True)
+    ]
+    fragments = [_fragments(escape_key(name), column) for name, column in fields.items()]
+    lines = []
+    for prefix, row in zip(prefixes, zip(*fragments, strict=True), strict=True):
+        present = ",".join(filter(None, row))
+        if present:
+            lines.append(f"{prefix} {present} {int(ts_ns)}")
+    return lines
 
 
 class BatchEncoder:

@@ -58,6 +58,8 @@ def second_config(config: Config, broker: LocalMosquitto, tmp_path: Path) -> Con
             "mqtt.client_id": f"cityflux-{name}",
             "influx.database": name,
             "spool.dir": str(tmp_path / "spool2"),
+            "analytics.checkpoint_dir": str(tmp_path / "analytics2"),
+            "analytics.alerts_db": str(tmp_path / "analytics2" / "alerts.sqlite"),
         }
     )
 

@@ -1,0 +1,323 @@
+"""Alert rules and the alert engine: one active alert per rule and entity, with for-durations,
+hysteresis, flapping suppression, acknowledgement, and SQLite persistence.
+
+Semantics follow the peers operators know (docs/analytics.md): Kapacitor's levels, reset
+conditions and flapping detection; ThingsBoard's active/cleared x acknowledged/unacknowledged
+states and "one active alarm per originator and type". Unlike ThingsBoard's default, the state
+survives a restart: every change is written to SQLite before it is published.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import sqlite3
+import tomllib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from cityflux.errors import ConfigError
+
+Array = npt.NDArray[Any]
+NS: Final = 1_000_000_000
+Severity = Literal["critical", "major", "minor", "warning"]
+OPERATORS: Final[dict[str, Callable[[Any, Any], Any]]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+FLAPPING_WINDOW: Final = 20
+
+
+class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``when`` and ``clear`` are "<op> <number>", e.g. ">= 8"; ``clear`` defaults to not-when."""
+
+    name: str
+    source: str  # segment | district | incident | air | noise | lamp | manhole | status | silence
+    metric: str
+    when: str
+    clear: str = ""
+    for_s: float = 0.0  # the condition must hold this long (event time) before the alert
+    severity: Severity = "warning"
+    kind: str = ""  # source "silence": only devices of this kind
+    flapping: tuple[float, float] = (0.25, 0.5)  # (low, high) share of state changes
+    message: str = "{metric} {value:.1f} {when}"
+
+    def test(self, values: Array) -> tuple[Array, Array]:
+        """(condition holds, clear condition holds); NaN satisfies neither."""
+        holds = _compare(self.when, values)
+        clears = _compare(self.clear, values) if self.clear else ~holds & ~np.isnan(values)
+        return holds, clears
+
+
+def _compare(expression: str, values: Array) -> Array:
+    op, number = _parse(expression)
+    with np.errstate(invalid="ignore"):
+        result: Array = OPERATORS[op](values, number) & ~np.isnan(values)
+    return result
+
+
+def _parse(expression: str) -> tuple[str, float]:
+    parts = expression.split()
+    if len(parts) != 2 or parts[0] not in OPERATORS:
+        raise ConfigError(
+            f"condition {expression!r}: expected '<op> <number>', op in {list(OPERATORS)}"
+        )
+    return parts[0], float(parts[1])
+
+
+class RuleFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    rule: list[Rule]
+
+
+def load_rules(path: str | Path | None = None) -> list[Rule]:
+    """Rules from a TOML file (``[[rule]]`` tables), or the defaults shipped with cityflux."""
+    try:
+        if path is None:
+            text = resources.files("cityflux.analytics").joinpath("rules.toml").read_text()
+        else:
+            text = Path(path).read_text()
+        rules = msgspec.convert(tomllib.loads(text), RuleFile).rule
+    except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"alert rules {path or '(defaults)'}: {exc}") from exc
+    for rule in rules:
+        rule.test(np.zeros(1))  # conditions parse
+    names = [r.name for r in rules]
+    if len(set(names)) != len(names):
+        raise ConfigError("alert rules: duplicate rule names")
+    return rules
+
+
+class Alert(msgspec.Struct, kw_only=True):
+    id: int = 0
+    rule: str
+    entity: str
+    district: str
+    severity: str
+    state: Literal["active", "cleared"] = "active"
+    acknowledged: bool = False
+    flapping: bool = False
+    value: float
+    message: str
+    started_ns: int
+    updated_ns: int
+    cleared_ns: int = 0
+    count: int = 1
+    acknowledged_by: str = ""
+
+
+@dataclass(slots=True)
+class Observation:
+    """Values of one source at one event time, one row per entity."""
+
+    source: str
+    ts_ns: int
+    entity: Array  # ids (str)
+    district: Array
+    metrics: dict[str, Array]
+    kind: Array | None = None  # device kinds, for deadman rules
+    labels: dict[str, Array] = field(default_factory=dict)  # extra message fields
+
+
+@dataclass(slots=True)
+class Tracker:
+    pending_since: int = -1
+    alert: Alert | None = None
+    history: deque[bool] = field(default_factory=lambda: deque(maxlen=FLAPPING_WINDOW))
+
+
+class AlertStore:
+    """SQLite: every alert, active or cleared, with its acknowledgement."""
+
+    COLUMNS: Final = tuple(Alert.__struct_fields__)
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT,"
+            " entity TEXT, district TEXT, severity TEXT, state TEXT, acknowledged INTEGER,"
+            " flapping INTEGER, value REAL, message TEXT, started_ns INTEGER, updated_ns INTEGER,"
+            " cleared_ns INTEGER, count INTEGER, acknowledged_by TEXT)"
+        )
+        self.db.execute("CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, rule, entity)")
+
+    def save(self, alerts: list[Alert]) -> None:
+        """Insert new alerts (id 0: assigned here) and update known ones, in one transaction.
+        Acknowledgement is never written here: only :meth:`acknowledge` sets it, so an ack from
+        the CLI is not undone by a running engine."""
+        with self.db:
+            for alert in alerts:
+                if alert.id:
+                    self.db.execute(
+                        "UPDATE alerts SET state=?, flapping=?, value=?, message=?, updated_ns=?,"
+                        " cleared_ns=?, count=? WHERE id=?",
+                        (alert.state, alert.flapping, alert.value, alert.message,
+                         alert.updated_ns, alert.cleared_ns, alert.count, alert.id),
+                    )  # fmt: skip
+                else:
+                    values = msgspec.structs.astuple(alert)[1:]
+                    cursor = self.db.execute(
+                        f"INSERT INTO alerts ({', '.join(self.COLUMNS[1:])}) VALUES "
+                        f"({', '.join('?' * len(values))})",
+                        values,
+                    )
+                    alert.id = int(cursor.lastrowid or 0)
+
+    def acknowledge(self, alert_id: int, by: str) -> Alert | None:
+        with self.db:
+            self.db.execute(
+                "UPDATE alerts SET acknowledged=1, acknowledged_by=? WHERE id=?", (by, alert_id)
+            )
+        found = self.select(where="id=?", args=(alert_id,))
+        return found[0] if found else None
+
+    def select(self, where: str = "1=1", args: tuple[Any, ...] = ()) -> list[Alert]:
+        cursor = self.db.execute(
+            f"SELECT {', '.join(self.COLUMNS)} FROM alerts WHERE {where} ORDER BY id", args
+        )
+        return [
+            Alert(**dict(zip(self.COLUMNS, row, strict=True)) | {"acknowledged": bool(row[6]),
+                                                                "flapping": bool(row[7])})
+            for row in cursor.fetchall()
+        ]  # fmt: skip
+
+    def active(self) -> list[Alert]:
+        return self.select("state='active'")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class AlertEngine:
+    """Evaluates rules on observations; returns the alerts whose state changed."""
+
+    def __init__(self, rules: list[Rule], store: AlertStore) -> None:
+        self.rules = rules
+        self.by_source: dict[str, list[Rule]] = {}
+        for rule in rules:
+            self.by_source.setdefault(rule.source, []).append(rule)
+        self.store = store
+        # per rule, per entity: only entities whose condition holds or whose alert is active
+        self.trackers: dict[str, dict[str, Tracker]] = {rule.name: {} for rule in rules}
+        for alert in store.active():  # restart: active alerts carry on, nothing re-fires
+            self.trackers.setdefault(alert.rule, {})[alert.entity] = Tracker(
+                alert.started_ns, alert
+            )
+
+    def evaluate(self, observation: Observation) -> list[Alert]:
+        changed: list[Alert] = []
+        dirty: list[Alert] = []
+        for rule in self.by_source.get(observation.source, []):
+            values = observation.metrics.get(rule.metric)
+            if values is None:
+                continue
+            selected = np.ones(len(values), dtype=bool)
+            if rule.kind and observation.kind is not None:
+                selected = observation.kind == rule.kind
+            holds, clears = rule.test(values)
+            holds &= selected
+            tracked = self.trackers[rule.name]
+            rows = np.flatnonzero(holds).tolist()
+            if tracked:
+                entity_rows = {e: i for i, e in enumerate(observation.entity.tolist())}
+                rows = sorted(set(rows) | {entity_rows[e] for e in tracked if e in entity_rows})
+            for row in rows:
+                self._step(rule, observation, row, bool(holds[row]), bool(clears[row]),
+                           changed, dirty)  # fmt: skip
+        self.store.save(changed + [a for a in dirty if a not in changed])
+        return [msgspec.structs.replace(alert) for alert in changed]  # as they were now
+
+    def _step(
+        self,
+        rule: Rule,
+        obs: Observation,
+        row: int,
+        holds: bool,
+        clears: bool,
+        changed: list[Alert],
+        dirty: list[Alert],
+    ) -> None:
+        entity = str(obs.entity[row])
+        trackers = self.trackers[rule.name]
+        tracker = trackers.get(entity)
+        if tracker is None:
+            tracker = trackers[entity] = Tracker()
+        tracker.history.append(holds)
+        value = float(obs.metrics[rule.metric][row])
+        alert = tracker.alert
+        flapping = self._flapping(rule, tracker, alert)
+        if alert is not None and flapping != alert.flapping:
+            alert.flapping = flapping
+            changed.append(alert)
+        if holds:
+            if tracker.pending_since < 0:
+                tracker.pending_since = obs.ts_ns
+            if alert is not None:  # a repeat updates the one active alert
+                alert.value, alert.updated_ns, alert.count = value, obs.ts_ns, alert.count + 1
+                alert.message = self._message(rule, obs, row, value)
+                dirty.append(alert)
+            elif obs.ts_ns - tracker.pending_since >= rule.for_s * NS:
+                tracker.alert = self._raise(rule, obs, row, value, tracker.pending_since)
+                tracker.alert.flapping = flapping
+                changed.append(tracker.alert)
+            return
+        if alert is None:
+            del trackers[entity]  # the condition broke before the for-duration: forget it
+        elif clears:
+            alert.state, alert.cleared_ns, alert.updated_ns = "cleared", obs.ts_ns, obs.ts_ns
+            alert.value = value
+            changed.append(alert)
+            del trackers[entity]
+
+    def _flapping(self, rule: Rule, tracker: Tracker, alert: Alert | None) -> bool:
+        """Nagios-style: the share of state changes over the recent evaluations."""
+        history = list(tracker.history)
+        if len(history) < 4:
+            return alert.flapping if alert else False
+        changes = sum(a != b for a, b in itertools.pairwise(history))
+        share = changes / (len(history) - 1)
+        low, high = rule.flapping
+        was = alert.flapping if alert else False
+        return share >= high or (was and share > low)
+
+    def _raise(self, rule: Rule, obs: Observation, row: int, value: float, since: int) -> Alert:
+        return Alert(
+            rule=rule.name,
+            entity=str(obs.entity[row]),
+            district=str(obs.district[row]),
+            severity=rule.severity,
+            value=value,
+            message=self._message(rule, obs, row, value),
+            started_ns=since,
+            updated_ns=obs.ts_ns,
+        )
+
+    def _message(self, rule: Rule, obs: Observation, row: int, value: float) -> str:
+        labels = {name: column[row] for name, column in obs.labels.items()}
+        try:
+            return rule.message.format(metric=rule.metric, value=value, when=rule.when, **labels)
+        except (KeyError, ValueError, IndexError):
+            return f"{rule.metric} {value:.1f} {rule.when}"
+
+    def acknowledge(self, alert_id: int, by: str) -> Alert | None:
+        """Mark an alert acknowledged (active or cleared); None if there is no such alert."""
+        stored = self.store.acknowledge(alert_id, by)
+        for trackers in self.trackers.values():
+            for tracker in trackers.values():
+                if tracker.alert is not None and tracker.alert.id == alert_id:
+                    tracker.alert.acknowledged, tracker.alert.acknowledged_by = True, by
+                    return tracker.alert
+        return stored

@@ -1,0 +1,527 @@
+"""The streaming analytics core: validated column batches in, index points and alerts out.
+
+    ingest (validated Columns) -> AnalyticsEngine.process()
+        traffic rows  -> 1-min panes -> stations -> links -> rollups, California, sliding 5 min
+        pole rows     -> 5-min panes -> hourly AQI, Leq, lamp faults
+        manhole rows  -> per-reading checks
+        status rows   -> online/offline
+        every row     -> last seen per device (deadman)
+    -> Observations -> AlertEngine -> alert changes (SQLite, MQTT, InfluxDB)
+    -> lines for InfluxDB (docs/schema.md)
+
+One engine holds the state of one partition (a set of districts; all of them by default),
+keyed by entity index, so districts can be split across processes. Nothing here does network
+I/O: the pipeline writes the lines durably and publishes the alert changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from cityflux.analytics.alerts import Alert, AlertEngine, AlertStore, Observation, load_rules
+from cityflux.analytics.citymodel import CityModel, lookup
+from cityflux.analytics.environment import (
+    POLE_PARTIALS,
+    ManholeState,
+    air_noise,
+    pole_partials,
+)
+from cityflux.analytics.traffic import (
+    California,
+    CaliforniaThresholds,
+    LinkIndices,
+    Rollup,
+    add_partials,
+    link_indices,
+    rollup,
+    station_partials,
+)
+from cityflux.analytics.windows import NS, PaneBuffer, Watermark
+from cityflux.citymap import CityMap, load_city_map
+from cityflux.config import AnalyticsConfig
+from cityflux.ingest.batch import Columns
+from cityflux.store.lineprotocol import encode_point, encode_table
+
+log = logging.getLogger(__name__)
+Array = npt.NDArray[Any]
+SEGMENT_MEASUREMENT = "traffic_segment"
+DISTRICT_MEASUREMENT = "traffic_district"
+AIR_MEASUREMENT = "air_quality"
+NOISE_MEASUREMENT = "noise"
+ALERT_MEASUREMENT = "cityflux_alert"
+
+
+@dataclass(slots=True)
+class TooLate:
+    """Readings that arrived after their window closed (stored raw, not in the analytics)."""
+
+    kind: str
+    message_index: Array
+    reading_index: Array
+    ts_ns: Array
+
+
+@dataclass(slots=True)
+class Output:
+    lines: list[str] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    too_late: list[TooLate] = field(default_factory=list)
+
+
+class AnalyticsEngine:
+    def __init__(self, config: AnalyticsConfig, city: CityMap | None = None) -> None:
+        self.config = config
+        self.city = city or load_city_map(resolve_map(config.city_map))
+        self.model = CityModel(self.city)
+        self.watermark = Watermark(round(config.delay_s * NS))
+        self.traffic = PaneBuffer(config.pane_s, config.lateness_s)
+        self.poles = PaneBuffer(config.env_pane_s, config.lateness_s)
+        self.station_parts: dict[int, dict[str, Array]] = {}  # pane start -> station sums
+        self.pole_parts: dict[int, dict[str, Array]] = {}
+        thresholds = {k: CaliforniaThresholds(**msgspec.to_builtins(v))
+                      for k, v in config.california.items()}  # fmt: skip
+        self.california = California(self.model, thresholds)
+        self.manholes = ManholeState(np.array([m.depth_cm for m in self.city.manholes]))
+        self.devices = _DeviceIndex(self.city)
+        self.last_seen = np.zeros(len(self.devices.ids), dtype=np.int64)
+        self.alerts = AlertEngine(load_rules(config.rules_file), AlertStore(config.alerts_db))
+        self.pole_lon = np.array([p.lon for p in self.city.poles])
+        self.pole_lat = np.array([p.lat for p in self.city.poles])
+        self.counts: Counter[str] = Counter()  # unmapped, too_late, windows emitted
+        self._last_data = time.monotonic()
+        self._last_checkpoint = time.monotonic()
+        self._checkpoint_path = Path(config.checkpoint_dir) / "windows.npz"
+        self.restore()
+
+    # -- input ---------------------------------------------------------------------------
+    def process(self, columns: dict[str, Columns]) -> Output:
+        out = Output()
+        mapped = {kind: self._map(kind, cols) for kind, cols in columns.items()}
+        # rows are judged against the watermark of the batches before this one: a batch
+        # replayed at full speed may span minutes of event time, and is one arrival
+        for kind, (cols, entity) in mapped.items():
+            handler = getattr(self, f"_add_{kind}", None)
+            if handler is not None and len(cols):
+                handler(cols, entity, out)
+        for kind, (cols, entity) in mapped.items():
+            if kind != "status":
+                self.watermark.observe(cols.ts_ns)
+                self._seen(kind, entity, cols.ts_ns)
+        if any(len(c) for c in columns.values()):
+            self._last_data = time.monotonic()
+        self._emit(out)
+        self._maybe_checkpoint()
+        return out
+
+    def _map(self, kind: str, cols: Columns) -> tuple[Columns, Array]:
+        if kind == "status":  # any device may announce itself; rules match on its id
+            return cols, np.zeros(len(cols), dtype=np.int64)
+        index = self.devices.index_of(kind)
+        entity = lookup(index, cols.tags["device_id"])
+        known = entity >= 0
+        if not known.all():
+            self.counts["unmapped"] += int((~known).sum())
+            cols, entity = cols.select(known), entity[known]
+        return cols, entity
+
+    def _seen(self, kind: str, entity: Array, ts_ns: Array) -> None:
+        numbers = entity + self.devices.offset[kind]
+        np.maximum.at(self.last_seen, numbers, ts_ns)
+
+    def _too_late(self, kind: str, cols: Columns, late: Array, out: Output) -> None:
+        if late.any():
+            self.counts["too_late"] += int(late.sum())
+            out.too_late.append(
+                TooLate(kind, cols.message_index[late], cols.reading_index[late], cols.ts_ns[late])
+            )
+
+    def _add_traffic(self, cols: Columns, entity: Array, out: Output) -> None:
+        lane = np.clip(cols.fields["lane"], 1, 16) - 1
+        late = self.traffic.add(
+            self.watermark.value_ns,
+            entity * 16 + lane,
+            cols.ts_ns,
+            count=cols.fields["count"],
+            occupancy_pct=cols.fields["occupancy_pct"],
+            speed_kmh=cols.fields["speed_kmh"],
+            interval_s=cols.fields["interval_s"],
+        )
+        self._too_late("traffic", cols, late, out)
+
+    def _add_pole(self, cols: Columns, entity: Array, out: Output) -> None:
+        f = cols.fields
+        late = self.poles.add(
+            self.watermark.value_ns, entity, cols.ts_ns,
+            pm25_ugm3=f["pm25_ugm3"], pm10_ugm3=f["pm10_ugm3"], noise_dba=f["noise_dba"],
+            lamp_on=f["lamp_on"], lamp_power_w=f["lamp_power_w"], lamp_fault=f["lamp_fault"],
+        )  # fmt: skip
+        self._too_late("pole", cols, late, out)
+
+    def _add_manhole(self, cols: Columns, entity: Array, out: Output) -> None:
+        rows = {"entity": entity, "ts_ns": cols.ts_ns, **cols.fields}
+        metrics = self.manholes.metrics(rows)
+        for at in _by_occurrence(entity, cols.ts_ns):
+            self._observe(out, Observation(
+                "manhole", int(cols.ts_ns[at].max()), cols.tags["device_id"][at],
+                cols.tags["district"][at], {k: v[at] for k, v in metrics.items()},
+            ))  # fmt: skip
+
+    def _add_status(self, cols: Columns, entity: Array, out: Output) -> None:
+        online = cols.fields["online"].astype(np.float64)
+        ids = cols.tags["device_id"]
+        for at in _by_occurrence(lookup({d: i for i, d in enumerate(set(ids))}, ids), cols.ts_ns):
+            self._observe(out, Observation(
+                "status", int(cols.ts_ns[at].max()), ids[at], cols.tags["district"][at],
+                {"online": online[at]},
+            ))  # fmt: skip
+
+    # -- windows -------------------------------------------------------------------------
+    def tick(self) -> Output:
+        """Called when no data arrives: after ``idle_flush_s`` close every open window."""
+        out = Output()
+        idle = time.monotonic() - self._last_data >= self.config.idle_flush_s
+        if idle and self.watermark.newest_ns and self._has_open_panes():
+            self.flush(out)
+        self._maybe_checkpoint()
+        return out
+
+    def flush(self, out: Output | None = None) -> Output:
+        """Treat every reading seen so far as on time and complete: emit all open windows."""
+        out = out or Output()
+        pane = max(self.traffic.pane_ns, self.poles.pane_ns)
+        self.watermark.forced_ns = ((self.watermark.newest_ns // pane) + 1) * pane
+        self._emit(out)
+        return out
+
+    def _has_open_panes(self) -> bool:
+        return any(p.dirty for p in [*self.traffic.panes.values(), *self.poles.panes.values()])
+
+    def _emit(self, out: Output) -> None:
+        watermark = self.watermark.value_ns
+        for pane in self.traffic.due(watermark):
+            self._traffic_pane(pane.start_ns, pane.rows(), not pane.emitted, out)
+            pane.emitted, pane.dirty = True, False
+        for pane in self.poles.due(watermark):
+            self._pole_pane(pane.start_ns, pane.rows(), out)
+            pane.emitted, pane.dirty = True, False
+        for buffer in (self.traffic, self.poles):
+            buffer.expire(watermark)
+        keep_traffic = self.traffic.pane_ns * (self.config.sliding_panes + 1)
+        keep_env = round(self.config.env_window_s * NS) + self.poles.pane_ns
+        _forget(self.station_parts, watermark - keep_traffic - self.traffic.lateness_ns)
+        _forget(self.pole_parts, watermark - keep_env - self.poles.lateness_ns)
+
+    def _traffic_pane(self, start: int, rows: dict[str, Array], first: bool, out: Output) -> None:
+        if not rows:
+            return
+        end = start + self.traffic.pane_ns
+        self.station_parts[start] = station_partials(self.model, rows)
+        links = link_indices(self.model, self.station_parts[start])
+        self.counts["traffic_windows"] += 1
+        districts = rollup(self.model, links)
+        out.lines += self._segment_lines(links, "1m", end)
+        out.lines += self._district_lines(districts, "1m", end)
+        first_pane = start - (self.config.sliding_panes - 1) * self.traffic.pane_ns
+        starts = range(first_pane, end, self.traffic.pane_ns)
+        window = [self.station_parts[s] for s in starts if s in self.station_parts]
+        sliding = link_indices(self.model, add_partials(window))
+        out.lines += self._segment_lines(sliding, "5m", end)
+        out.lines += self._district_lines(rollup(self.model, sliding), "5m", end)
+        self._observe_segments(links, districts, end, out)
+        if first:  # California runs once per interval, in order; late updates do not re-run it
+            parts = self.station_parts[start]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                occupancy = np.where(
+                    parts["rows"] > 0, parts["occupancy_sum"] / parts["rows"], np.nan
+                )
+            self._observe_incidents(self.california.step(occupancy), occupancy, end, out)
+            self._observe_silence(end, out)
+
+    def _segment_lines(self, links: LinkIndices, window: str, end: int) -> list[str]:
+        m = self.model
+        ok = links.has_data
+        district = np.array(m.district_ids, dtype=object)[m.link_district]
+        tags = {
+            "segment": np.array(m.link_segment, dtype=object)[ok].tolist(),
+            "direction": np.array(m.link_direction, dtype=object)[ok].tolist(),
+            "district": district[ok].tolist(),
+            "road_class": m.link_class[ok].tolist(),
+            "window": [window] * int(ok.sum()),
+        }
+        fields = {
+            "flow_vph": links.flow_vph[ok], "occupancy_pct": links.occupancy_pct[ok],
+            "speed_kmh": links.speed_kmh[ok], "density_vpkm": links.density_vpkm[ok],
+            "travel_time_s": links.travel_time_s[ok], "tti": links.tti[ok],
+            "delay_proportion": links.dtp[ok], "tpi": links.tpi[ok],
+            "level": links.level[ok].astype(np.int64), "los": links.los[ok].astype(object),
+            "vc": links.vc[ok], "imputed": links.imputed[ok],
+        }  # fmt: skip
+        return encode_table(SEGMENT_MEASUREMENT, tags, _rounded(fields), end)
+
+    def _district_lines(self, r: Rollup, window: str, end: int) -> list[str]:
+        names = [*self.model.district_ids, "city"]
+        fields = {
+            "tpi": r.tpi, "congested_share": r.congested_share, "cv": r.cv, "vkt": r.vkt,
+            "segments_with_data": r.links_with_data.astype(np.int64),
+        }  # fmt: skip
+        tags = {"district": names, "window": [window] * len(names)}
+        return encode_table(DISTRICT_MEASUREMENT, tags, _rounded(fields), end)
+
+    def _observe_segments(self, links: LinkIndices, r: Rollup, end: int, out: Output) -> None:
+        m = self.model
+        entity = np.array(
+            [f"{s}:{d}" for s, d in zip(m.link_segment, m.link_direction, strict=True)],
+            dtype=object,
+        )
+        district = np.array(m.district_ids, dtype=object)[m.link_district]
+        self._observe(out, Observation(
+            "segment", end, entity, district,
+            {"tpi": links.tpi, "speed_kmh": links.speed_kmh, "tti": links.tti, "vc": links.vc,
+             "level": links.level.astype(np.float64)},
+            labels={"direction": np.array(m.link_direction, dtype=object),
+                    "speed": links.speed_kmh},
+        ))  # fmt: skip
+        names = np.array([*m.district_ids, "city"], dtype=object)
+        self._observe(out, Observation(
+            "district", end, names, names,
+            {"tpi": r.tpi, "congested_share": r.congested_share, "cv": r.cv},
+        ))  # fmt: skip
+
+    def _observe_incidents(self, active: Array, occupancy: Array, end: int, out: Output) -> None:
+        pairs = self.model.station_pairs
+        if not len(pairs):
+            return
+        detectors = self.city.detectors
+        up, down = pairs[:, 0], pairs[:, 1]
+        # one alert per station pair, named by its segment and its upstream station
+        segment = np.array(
+            [f"{detectors[i].segment}:{detectors[i].id}" for i in up.tolist()], dtype=object
+        )
+        district = np.array(self.model.district_ids, dtype=object)[
+            self.model.link_district[self.model.detector_link[up]]
+        ]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            occrdf = (occupancy[up] - occupancy[down]) / occupancy[up]
+        self._observe(out, Observation(
+            "incident", end, segment, district, {"active": active.astype(np.float64)},
+            labels={"upstream": np.array([detectors[i].id for i in up.tolist()], dtype=object),
+                    "downstream": np.array([detectors[i].id for i in down.tolist()],
+                                           dtype=object),
+                    "occrdf": occrdf},
+        ))  # fmt: skip
+
+    def _observe_silence(self, end: int, out: Output) -> None:
+        seen = self.last_seen > 0
+        silent = np.where(seen, (self.watermark.observed_ns - self.last_seen) / NS, np.nan)
+        devices = self.devices
+        self._observe(out, Observation(
+            "silence", max(self.watermark.observed_ns, end), devices.ids, devices.district,
+            {"silent_s": silent}, kind=devices.kind,
+        ))  # fmt: skip
+
+    def _pole_pane(self, start: int, rows: dict[str, Array], out: Output) -> None:
+        if not rows:
+            return
+        end = start + self.poles.pane_ns
+        self.pole_parts[start] = pole_partials(
+            self.city, rows, self.config.lamp_power_tolerance, self.pole_lon, self.pole_lat
+        )
+        hour = [p for s, p in self.pole_parts.items()
+                if end - round(self.config.env_window_s * NS) <= s < end]  # fmt: skip
+        summed = {k: np.sum([p[k] for p in hour], axis=0) for k in POLE_PARTIALS}
+        local_hour = ((end / NS + self.config.utc_offset_h * 3600) % 86_400) / 3600
+        result = air_noise(
+            self.city, summed, self.pole_parts[start], local_hour, self.config.aqi_table
+        )
+        ids = np.array([p.id for p in self.city.poles], dtype=object)
+        district = np.array([p.district for p in self.city.poles], dtype=object)
+        tags = {"device_id": ids.tolist(), "district": district.tolist()}
+        out.lines += encode_table(AIR_MEASUREMENT, tags, _rounded({
+            "aqi": result.aqi, "iaqi_pm25": result.iaqi_pm25, "iaqi_pm10": result.iaqi_pm10,
+            "pm25_1h_ugm3": result.pm25_1h, "pm10_1h_ugm3": result.pm10_1h,
+            "category": result.category.astype(np.int64), "primary": result.primary.astype(object),
+        }), end)  # fmt: skip
+        period = "day" if 6 <= local_hour < 22 else "night"
+        out.lines += encode_table(NOISE_MEASUREMENT, tags, _rounded({
+            "leq_1h_dba": result.leq_dba, "limit_dba": result.limit_dba,
+            "exceed_dba": result.exceed_dba,
+        }), end)  # fmt: skip
+        self._observe(out, Observation(
+            "air", end, ids, district, {"aqi": result.aqi},
+            labels={"primary": result.primary},
+        ))  # fmt: skip
+        self._observe(out, Observation(
+            "noise", end, ids, district, {"exceed_dba": result.exceed_dba},
+            labels={"leq": result.leq_dba, "limit": result.limit_dba,
+                    "period": np.full(len(ids), period, dtype=object)},
+        ))  # fmt: skip
+        self._observe(
+            out, Observation("lamp", end, ids, district, {"fault_share": result.lamp_fault_share})
+        )
+
+    # -- alerts --------------------------------------------------------------------------
+    def _observe(self, out: Output, observation: Observation) -> None:
+        for alert in self.alerts.evaluate(observation):
+            out.alerts.append(alert)
+            out.lines.append(alert_line(alert))
+
+    def acknowledge(self, alert_id: int, by: str) -> tuple[Alert | None, list[str]]:
+        alert = self.alerts.acknowledge(alert_id, by)
+        return alert, [alert_line(alert, time.time_ns())] if alert else []
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def recovery_since_ns(self) -> int | None:
+        """Event time from which raw readings must be re-read after a restart: the oldest
+        pane that may still change (None before any data)."""
+        if not self.watermark.newest_ns:
+            return None
+        horizon = self.watermark.value_ns - self.traffic.lateness_ns
+        oldest = min(horizon - self.traffic.pane_ns, horizon - self.poles.pane_ns)
+        return max(oldest, 0)
+
+    def _maybe_checkpoint(self) -> None:
+        if time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Open panes, window partials, watermark and per-device state, atomically on disk.
+        (Alerts are in SQLite already.) Redelivered messages after a crash are de-duplicated
+        by the panes, so replaying what the checkpoint missed counts nothing twice."""
+        arrays: dict[str, Array] = {
+            "watermark": np.array([self.watermark.newest_ns, self.watermark.forced_ns]),
+            "last_seen": self.last_seen,
+            "manhole_level": self.manholes.last_level,
+            "manhole_ts": self.manholes.last_ts,
+        }
+        arrays |= self.traffic.state("traffic") | self.poles.state("poles")
+        for name, store in (("station", self.station_parts), ("pole", self.pole_parts)):
+            for start, parts in store.items():
+                arrays |= {f"{name}#{start}#{k}": v for k, v in parts.items()}
+        for i, occupancy in enumerate(self.california.history):
+            arrays[f"california#{i}"] = occupancy
+        arrays |= {"california_tentative": self.california.tentative,
+                   "california_active": self.california.active,
+                   "california_quiet": self.california.quiet}  # fmt: skip
+        path = self._checkpoint_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp.npz")
+        np.savez(temporary, **arrays)  # type: ignore[arg-type]
+        temporary.replace(path)
+        self._last_checkpoint = time.monotonic()
+
+    def restore(self) -> None:
+        if not self._checkpoint_path.exists():
+            return
+        with np.load(self._checkpoint_path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        if len(arrays["last_seen"]) != len(self.last_seen):
+            log.warning("checkpoint %s is for another city map: ignored", self._checkpoint_path)
+            return
+        self.watermark.newest_ns, self.watermark.forced_ns = (int(v) for v in arrays["watermark"])
+        self.last_seen = arrays["last_seen"]
+        self.manholes.last_level, self.manholes.last_ts = (
+            arrays["manhole_level"],
+            arrays["manhole_ts"],
+        )
+        self.traffic.restore("traffic", arrays)
+        self.poles.restore("poles", arrays)
+        for name, store in (("station", self.station_parts), ("pole", self.pole_parts)):
+            for key, value in arrays.items():
+                if key.startswith(f"{name}#"):
+                    _, start, part = key.split("#")
+                    store.setdefault(int(start), {})[part] = value
+        self.california.history = [arrays[f"california#{i}"] for i in range(3)
+                                    if f"california#{i}" in arrays]  # fmt: skip
+        self.california.tentative = arrays["california_tentative"]
+        self.california.active = arrays["california_active"]
+        self.california.quiet = arrays["california_quiet"]
+        log.info("analytics restored from %s", self._checkpoint_path)
+
+    def close(self) -> None:
+        self.checkpoint()
+        self.alerts.store.close()
+
+
+def resolve_map(path: str) -> Path:
+    """A relative map path is looked up in the working directory, then in the source tree
+    (so the shipped example works from anywhere in a checkout)."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    shipped = Path(__file__).resolve().parents[2] / path
+    return shipped if shipped.exists() else candidate
+
+
+def alert_line(alert: Alert, ts_ns: int | None = None) -> str:
+    """The alert's state change as a point, so dashboards can annotate it."""
+    return encode_point(
+        ALERT_MEASUREMENT,
+        {"rule": alert.rule, "severity": alert.severity, "district": alert.district,
+         "entity": alert.entity},
+        {"alert_id": alert.id, "state": alert.state, "acknowledged": alert.acknowledged,
+         "flapping": alert.flapping, "value": float(alert.value)
+         if np.isfinite(alert.value) else 0.0, "message": alert.message},
+        ts_ns if ts_ns is not None else (
+            alert.cleared_ns if alert.state == "cleared" else alert.started_ns),
+    )  # fmt: skip
+
+
+def _by_occurrence(entity: Array, ts_ns: Array) -> list[Array]:
+    """Row indices in rounds: each entity's oldest reading first, then its next, ...; so a
+    state machine sees one entity's readings in event-time order, and most batches need one
+    round."""
+    order = np.lexsort((ts_ns, entity))
+    sorted_entity = entity[order]
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = sorted_entity[1:] != sorted_entity[:-1]
+    first = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
+    rank = np.arange(len(order)) - first
+    return [order[rank == r] for r in range(int(rank.max()) + 1)] if len(order) else []
+
+
+def _forget(store: dict[int, Any], before_ns: int) -> None:
+    for start in [s for s in store if s < before_ns]:
+        del store[start]
+
+
+def _rounded(fields: dict[str, Array]) -> dict[str, Array]:
+    """Floats to 4 decimals: smaller lines, and no spurious precision."""
+    return {k: np.round(v, 4) if v.dtype == np.float64 else v for k, v in fields.items()}
+
+
+class _DeviceIndex:
+    """Every device of the map, numbered poles, then manholes, then detectors."""
+
+    def __init__(self, city: CityMap) -> None:
+        segments = {s.id: s.district for s in city.segments}
+        groups = {
+            "pole": [(p.id, p.district) for p in city.poles],
+            "manhole": [(m.id, m.district) for m in city.manholes],
+            "traffic": [(d.id, segments[d.segment]) for d in city.detectors],
+        }
+        self.offset: dict[str, int] = {}
+        ids: list[str] = []
+        districts: list[str] = []
+        kinds: list[str] = []
+        self._index: dict[str, dict[str, int]] = {}
+        for kind, members in groups.items():
+            self.offset[kind] = len(ids)
+            self._index[kind] = {device: i for i, (device, _) in enumerate(members)}
+            ids += [m[0] for m in members]
+            districts += [m[1] for m in members]
+            kinds += [kind] * len(members)
+        self.ids = np.array(ids, dtype=object)
+        self.district = np.array(districts, dtype=object)
+        self.kind = np.array(kinds, dtype=object)
+
+    def index_of(self, kind: str) -> dict[str, int]:
+        return self._index[kind]
