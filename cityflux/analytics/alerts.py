@@ -134,7 +134,6 @@ class Observation:
 class Tracker:
     pending_since: int = -1
     alert: Alert | None = None
-    history: deque[bool] = field(default_factory=lambda: deque(maxlen=FLAPPING_WINDOW))
 
 
 class AlertStore:
@@ -212,6 +211,8 @@ class AlertEngine:
         self.store = store
         # per rule, per entity: only entities whose condition holds or whose alert is active
         self.trackers: dict[str, dict[str, Tracker]] = {rule.name: {} for rule in rules}
+        # recent condition results per rule and entity, for flapping (outlives the trackers)
+        self.history: dict[str, dict[str, deque[bool]]] = {rule.name: {} for rule in rules}
         for alert in store.active():  # restart: active alerts carry on, nothing re-fires
             self.trackers.setdefault(alert.rule, {})[alert.entity] = Tracker(
                 alert.started_ns, alert
@@ -255,10 +256,11 @@ class AlertEngine:
         tracker = trackers.get(entity)
         if tracker is None:
             tracker = trackers[entity] = Tracker()
-        tracker.history.append(holds)
+        history = self.history[rule.name].setdefault(entity, deque(maxlen=FLAPPING_WINDOW))
+        history.append(holds)
         value = float(obs.metrics[rule.metric][row])
         alert = tracker.alert
-        flapping = self._flapping(rule, tracker, alert)
+        flapping = self._flapping(rule, history, alert)
         if alert is not None and flapping != alert.flapping:
             alert.flapping = flapping
             changed.append(alert)
@@ -276,15 +278,16 @@ class AlertEngine:
             return
         if alert is None:
             del trackers[entity]  # the condition broke before the for-duration: forget it
-        elif clears:
+            if not any(history):
+                del self.history[rule.name][entity]
+        elif clears and not alert.flapping:  # a flapping alert stays up until it settles
             alert.state, alert.cleared_ns, alert.updated_ns = "cleared", obs.ts_ns, obs.ts_ns
             alert.value = value
             changed.append(alert)
             del trackers[entity]
 
-    def _flapping(self, rule: Rule, tracker: Tracker, alert: Alert | None) -> bool:
+    def _flapping(self, rule: Rule, history: deque[bool], alert: Alert | None) -> bool:
         """Nagios-style: the share of state changes over the recent evaluations."""
-        history = list(tracker.history)
         if len(history) < 4:
             return alert.flapping if alert else False
         changes = sum(a != b for a, b in itertools.pairwise(history))

@@ -99,6 +99,7 @@ class AnalyticsEngine:
         self.counts: Counter[str] = Counter()  # unmapped, too_late, windows emitted
         self._last_data = time.monotonic()
         self._last_checkpoint = time.monotonic()
+        self._newest_before = _newest_before([], 0)
         self._checkpoint_path = Path(config.checkpoint_dir) / "windows.npz"
         self.restore()
 
@@ -106,6 +107,9 @@ class AnalyticsEngine:
     def process(self, columns: dict[str, Columns]) -> Output:
         out = Output()
         mapped = {kind: self._map(kind, cols) for kind, cols in columns.items()}
+        self._newest_before = _newest_before(
+            [c for k, (c, _) in mapped.items() if k != "status"], self.watermark.newest_ns
+        )
         # rows are judged against the watermark of the batches before this one: a batch
         # replayed at full speed may span minutes of event time, and is one arrival
         for kind, (cols, entity) in mapped.items():
@@ -178,9 +182,15 @@ class AnalyticsEngine:
     def _add_status(self, cols: Columns, entity: Array, out: Output) -> None:
         online = cols.fields["online"].astype(np.float64)
         ids = cols.tags["device_id"]
-        for at in _by_occurrence(lookup({d: i for i, d in enumerate(set(ids))}, ids), cols.ts_ns):
+        # A last will carries no clock: ingest stamps it on arrival. During a replay faster
+        # than real time that is far ahead of event time, so it is taken as the newest event
+        # time of the readings that arrived before it (the same instant when running live).
+        ts = cols.ts_ns
+        before = self._newest_before(cols.message_index)
+        ts = np.where(before > 0, np.minimum(ts, before), ts)
+        for at in _by_occurrence(lookup({d: i for i, d in enumerate(set(ids))}, ids), ts):
             self._observe(out, Observation(
-                "status", int(cols.ts_ns[at].max()), ids[at], cols.tags["district"][at],
+                "status", int(ts[at].max()), ids[at], cols.tags["district"][at],
                 {"online": online[at]},
             ))  # fmt: skip
 
@@ -473,6 +483,26 @@ def alert_line(alert: Alert, ts_ns: int | None = None) -> str:
         ts_ns if ts_ns is not None else (
             alert.cleared_ns if alert.state == "cleared" else alert.started_ns),
     )  # fmt: skip
+
+
+def _newest_before(readings: list[Columns], newest_ns: int) -> Any:
+    """A function: message positions -> the newest event time among the readings of the
+    messages before them in the batch (or ``newest_ns`` of earlier batches)."""
+    rows = [c for c in readings if len(c)]
+    if not rows:
+        return lambda positions: np.full(len(positions), newest_ns, dtype=np.int64)
+    messages = np.concatenate([c.message_index for c in rows])
+    times = np.concatenate([c.ts_ns for c in rows])
+    size = int(messages.max()) + 2
+    newest = np.full(size, newest_ns, dtype=np.int64)
+    np.maximum.at(newest, messages + 1, times)  # +1: strictly before
+    running = np.maximum.accumulate(newest)
+
+    def lookup_before(positions: Array) -> Array:
+        result: Array = running[np.clip(positions, 0, size - 1)]
+        return result
+
+    return lookup_before
 
 
 def _by_occurrence(entity: Array, ts_ns: Array) -> list[Array]:

@@ -130,32 +130,17 @@ def _run(
                 live.update(_view(state))
             stop.set()
             simulator.join(timeout=60)
-            _drain(pipeline)
+            pipeline.drain(at_least=outcome[0].messages if outcome else 0)
             state.last_query = 0.0
             state.refresh()
             live.update(_view(state))
     except KeyboardInterrupt:
         stop.set()
         simulator.join(timeout=60)
-        _drain(pipeline)
+        pipeline.drain()
     pipeline.stop()
     worker.join(timeout=15)
     return outcome[0] if outcome else None
-
-
-def _drain(pipeline: Pipeline, timeout_s: float = 30.0) -> None:
-    """Wait until every message received has been acknowledged, i.e. is durable."""
-    deadline = time.monotonic() + timeout_s
-    quiet_since = time.monotonic()
-    seen = -1.0
-    while time.monotonic() < deadline:
-        received = pipeline.metrics.value("messages_received_total")
-        acked = pipeline.metrics.value("messages_acked_total")
-        if received != seen:
-            seen, quiet_since = received, time.monotonic()
-        if acked >= received and time.monotonic() - quiet_since > 1.0:
-            return
-        time.sleep(0.2)
 
 
 def _view(state: DemoState) -> Group:

@@ -130,6 +130,22 @@ class Pipeline:
     def stop(self) -> None:
         self.stopping.set()
 
+    def drain(self, timeout_s: float = 30.0, quiet_s: float = 1.0, at_least: int = 0) -> bool:
+        """Wait until at least ``at_least`` messages are acknowledged (durable), all received
+        ones are, and nothing new arrived for ``quiet_s``: the end of a simulated run."""
+        deadline = time.monotonic() + timeout_s
+        seen, quiet_since = -1.0, time.monotonic()
+        while time.monotonic() < deadline:
+            received = self.metrics.value("messages_received_total")
+            if received != seen:
+                seen, quiet_since = received, time.monotonic()
+            acked = self.metrics.value("messages_acked_total")
+            settled = acked >= max(received, at_least)
+            if settled and time.monotonic() - quiet_since >= quiet_s:
+                return True
+            time.sleep(0.1)
+        return False
+
     def close(self) -> None:
         if self.analytics is not None:
             self.analytics.close()

@@ -1,0 +1,154 @@
+"""The scenario report: one self-contained HTML file with plots and detection scores.
+
+Plots are drawn with matplotlib (Agg) and embedded as PNG data URIs; the figures the plots
+show are embedded too, as JSON in ``<script id="figures">``, so the report can be checked
+against the database it came from.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.dates as mdates
+import matplotlib.pyplot as plt
+import msgspec
+
+SEVERITY_COLOURS = {"critical": "#b2182b", "major": "#ef8a62", "minor": "#67a9cf",
+                    "warning": "#999999"}  # fmt: skip
+
+
+def _png(figure: Any) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _time(ms: float, offset_h: float = 0.0) -> float:
+    """Matplotlib's date number (days since 1970-01-01 UTC, its default epoch)."""
+    return ms / 86_400_000
+
+
+def _local_clock(axis: Any, offset_h: float) -> None:
+    """Label the time axis in the city's local time."""
+    tz = dt.timezone(dt.timedelta(hours=offset_h))
+    axis.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=tz))  # type: ignore[no-untyped-call]
+
+
+def tpi_plot(figures: dict[str, Any]) -> str:
+    figure, axis = plt.subplots(figsize=(10, 3.6))
+    offset = figures["utc_offset_h"]
+    for district, points in sorted(figures["district_tpi"].items()):
+        if points:
+            times = [_time(p[0], offset) for p in points]
+            axis.plot(times, [p[1] for p in points], label=district, linewidth=1.6)
+    for event in figures["truth"]:
+        if event["type"] in ("incident", "haze", "rain"):
+            end = event.get("end_ms") or figures["end_ms"]
+            axis.axvspan(_time(event["start_ms"], offset), _time(end, offset), alpha=0.12,
+                         color="red" if event["type"] == "incident" else "grey")  # fmt: skip
+    for level in (2, 4, 6, 8):
+        axis.axhline(level, color="#cccccc", linewidth=0.6, zorder=0)
+    axis.set_ylim(0, 10)
+    axis.set_ylabel("TPI (GB/T 33171)")
+    axis.set_title("Traffic performance index per district (1-minute windows)")
+    _local_clock(axis, offset)
+    axis.legend(loc="upper left", ncols=6, fontsize=8)
+    return _png(figure)
+
+
+def timeline_plot(figures: dict[str, Any]) -> str:
+    rules = sorted({a["rule"] for a in figures["alerts"]}) or ["(no alerts)"]
+    truth_types = sorted({e["type"] for e in figures["truth"]})
+    rows = [f"truth: {t}" for t in truth_types] + rules
+    figure, axis = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.2))
+    offset, end_ms = figures["utc_offset_h"], figures["end_ms"]
+    for event in figures["truth"]:
+        y = rows.index(f"truth: {event['type']}")
+        start, end = event["start_ms"], event.get("end_ms") or end_ms
+        axis.barh(y, (end - start) / 86_400_000, left=_time(start),
+                  height=0.6, color="#4d4d4d", alpha=0.35)  # fmt: skip
+    for alert in figures["alerts"]:
+        y = rows.index(alert["rule"])
+        start = alert["started_ns"] / 1e6
+        end = (alert["cleared_ns"] / 1e6) if alert["cleared_ns"] else end_ms
+        axis.barh(y, max(end - start, 30_000) / 86_400_000,
+                  left=_time(start), height=0.6,
+                  color=SEVERITY_COLOURS.get(alert["severity"], "#999999"), alpha=0.8)  # fmt: skip
+    axis.set_yticks(range(len(rows)), rows, fontsize=8)
+    axis.invert_yaxis()
+    _local_clock(axis, offset)
+    axis.set_xlim(_time(figures["start_ms"]), _time(end_ms))
+    axis.set_title("Alerts (coloured by severity) against the scenario's ground truth (grey)")
+    return _png(figure)
+
+
+def render(figures: dict[str, Any]) -> str:
+    scores = (
+        "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(_fmt(s.get(k)))}</td>"
+                for k in (
+                    "event_type",
+                    "events",
+                    "detected",
+                    "alerts",
+                    "matching_alerts",
+                    "precision",
+                    "recall",
+                    "mean_time_to_detect_s",
+                    "max_time_to_detect_s",
+                )
+            )
+            + "</tr>"
+            for s in figures["scores"]
+        )
+        or '<tr><td colspan="9">no scored events and no alerts of the scored rules</td></tr>'
+    )
+    counts = "".join(f"<tr><td>{html.escape(rule)}</td><td>{n}</td></tr>"
+                     for rule, n in sorted(figures["alert_counts"].items()))  # fmt: skip
+    stored = ", ".join(f"{k}: {v:,}" for k, v in sorted(figures["points"].items()))
+    # script content is raw text: only "</" must not appear in it
+    data = msgspec.json.encode(figures).decode().replace("</", "<\\/")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>cityflux scenario report: {html.escape(figures["scenario"])}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; max-width: 1000px; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; font-size: 14px; text-align: right; }}
+th {{ background: #f0f0f0; }} img {{ max-width: 100%; }}
+</style></head><body>
+<h1>Scenario report: {html.escape(figures["scenario"])}</h1>
+<p>{html.escape(figures["description"])}</p>
+<p>Simulated {html.escape(figures["start"])} for {figures["duration_s"] / 3600:.2f} h;
+{figures["messages"]:,} messages published; points in InfluxDB: {stored}.</p>
+<h2>Detection scores</h2>
+<table><tr><th>event</th><th>events</th><th>detected</th><th>alerts</th><th>matching</th>
+<th>precision</th><th>recall</th><th>mean time to detect (s)</th><th>max (s)</th></tr>
+{scores}</table>
+<h2>Congestion</h2>
+<img id="tpi" alt="TPI per district over time" src="{tpi_plot(figures)}">
+<h2>Alerts and ground truth</h2>
+<img id="timeline" alt="alert timeline" src="{timeline_plot(figures)}">
+<h2>Alerts raised, by rule</h2>
+<table><tr><th>rule</th><th>alerts</th></tr>{counts}</table>
+<script type="application/json" id="figures">{data}</script>
+</body></html>
+"""
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)

@@ -1,0 +1,171 @@
+"""``cityflux scenario run NAME --report report.html``: a scenario through the whole pipeline,
+scored against its ground truth."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import typer
+from rich.table import Table
+
+from cityflux.analytics.alerts import Alert
+from cityflux.analytics.report import render
+from cityflux.analytics.scoring import as_dicts, score
+from cityflux.cli.common import ConfigOption, app, console, local_stack, setup_logging
+from cityflux.cli.simulate import make_simulation
+from cityflux.config import Config
+from cityflux.errors import CityfluxError
+from cityflux.ingest.pipeline import Pipeline
+from cityflux.simulators.runner import RunSummary, run_simulation
+from cityflux.simulators.scenario import list_scenarios
+from cityflux.simulators.simulation import Simulation
+from cityflux.store.influx import InfluxWriter
+
+scenario_app = typer.Typer(no_args_is_help=True, help="Run scenarios end to end and score them.")
+app.add_typer(scenario_app, name="scenario")
+COUNTED = {"pole": "noise_dba", "manhole": "battery_pct", "traffic": "occupancy_pct",
+           "device_status": "online"}  # fmt: skip
+
+
+@scenario_app.command("list")
+def list_command() -> None:
+    """The scenarios shipped in scenarios/."""
+    for name in list_scenarios():
+        typer.echo(name)
+
+
+@scenario_app.command("run")
+def run_command(
+    name: Annotated[str, typer.Argument(help="scenario name or file")],
+    report: Annotated[Path | None, typer.Option(help="write an HTML report here")] = None,
+    duration: Annotated[float, typer.Option(help="simulated seconds (0: the scenario's)")] = 0,
+    mqtt_url: Annotated[str | None, typer.Option(help="use this broker")] = None,
+    influx_url: Annotated[str | None, typer.Option(help="use this InfluxDB")] = None,
+    data_dir: Annotated[Path, typer.Option(help="servers' data, alerts, checkpoints")] = Path(
+        "var/scenario-runs"
+    ),
+    config: ConfigOption = None,
+) -> None:
+    """Replay a scenario at full speed through MQTT, ingest and analytics into InfluxDB, then
+    score the alerts against the scenario's ground truth (and write the report)."""
+    setup_logging(False)
+    run_dir = data_dir / f"{Path(name).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with ExitStack() as stack:
+        try:
+            loaded, sim = _prepare(stack, name, duration, run_dir, mqtt_url, influx_url, config)
+            figures = execute(loaded, sim)
+        except (CityfluxError, OSError, ValueError) as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from exc
+    _print_scores(figures)
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(render(figures))
+        console.print(f"report: {report}")
+
+
+def _prepare(
+    stack: ExitStack,
+    name: str,
+    duration: float,
+    run_dir: Path,
+    mqtt_url: str | None,
+    influx_url: str | None,
+    config: Path | None,
+) -> tuple[Config, Simulation]:
+    loaded = local_stack(stack, run_dir, mqtt_url, influx_url, config)
+    sim = make_simulation(
+        name, speed=math.inf, duration_s=duration or None, topic_root=loaded.mqtt.topic_root
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    city_map = run_dir / "city-map.json"
+    city_map.write_bytes(msgspec.json.encode(sim.city))
+    (run_dir / "truth.json").write_bytes(msgspec.json.encode(sim.truth))
+    overrides = {"analytics.city_map": str(city_map.resolve())}
+    if influx_url is None:  # our own InfluxDB: a database per scenario
+        overrides["influx.database"] = f"scenario_{sim.scenario.name.replace('-', '_')}"
+    return loaded.with_overrides(overrides), sim
+
+
+def execute(config: Config, sim: Simulation) -> dict[str, Any]:
+    """Run the simulation through a pipeline with analytics; return the report's figures."""
+    pipeline = Pipeline(config)
+    pipeline.start(wait_connected_s=15)
+    worker = threading.Thread(target=pipeline.run, name="pipeline", daemon=True)
+    worker.start()
+    try:
+        summary = run_simulation(sim, config.mqtt, math.inf)
+        pipeline.drain(timeout_s=300, at_least=summary.messages)
+        pipeline.stop()
+        worker.join(timeout=30)
+        if pipeline.analytics is not None:  # the end of the run: close every window
+            pipeline.sink.write(pipeline.analytics.flush().lines)
+        alerts = pipeline.analytics.engine.alerts.store.select() if pipeline.analytics else []
+        return figures(config, sim, summary, alerts)
+    finally:
+        pipeline.close()
+
+
+def figures(
+    config: Config, sim: Simulation, summary: RunSummary, alerts: list[Alert]
+) -> dict[str, Any]:
+    """Everything the report shows, read back from InfluxDB and the alert database."""
+    writer = InfluxWriter(config.influx)
+    start_ns, end_ns = sim.truth.start_ms * 1_000_000, sim.truth.end_ms * 1_000_000
+    window = f"time >= {start_ns} AND time <= {end_ns + 600 * 1_000_000_000}"
+    result = writer.query(
+        f'SELECT "tpi" FROM "traffic_district" WHERE "window" = \'1m\' AND {window} '
+        'GROUP BY "district"'
+    )
+    district_tpi: dict[str, list[list[float]]] = {}
+    for series in result.get("results", [{}])[0].get("series", []):
+        district_tpi[series["tags"]["district"]] = [
+            [v[0] / 1e6, v[1]] for v in series["values"] if v[1] is not None
+        ]
+    points = {}
+    for measurement, field in COUNTED.items():
+        rows = writer.query(f'SELECT count("{field}") FROM "{measurement}" WHERE {window}')
+        series = rows.get("results", [{}])[0].get("series", [])
+        points[measurement] = int(series[0]["values"][0][1]) if series else 0
+    writer.close()
+    return {
+        "scenario": sim.scenario.name,
+        "description": sim.scenario.description,
+        "start": sim.truth.start,
+        "start_ms": sim.truth.start_ms,
+        "end_ms": sim.truth.end_ms,
+        "duration_s": (sim.truth.end_ms - sim.truth.start_ms) / 1000,
+        "utc_offset_h": sim.scenario.clock.utc_offset_h,
+        "messages": summary.messages,
+        "points": points,
+        "district_tpi": district_tpi,
+        "truth": msgspec.to_builtins(sim.truth.events),
+        "alerts": msgspec.to_builtins(alerts),
+        "alert_counts": dict(Counter(a.rule for a in alerts)),
+        "scores": as_dicts(score(sim.truth, alerts)),
+    }
+
+
+def _print_scores(figures: dict[str, Any]) -> None:
+    table = Table(title=f"{figures['scenario']}: detection scores")
+    for column in ("event", "events", "detected", "alerts", "precision", "recall",
+                   "mean TTD s"):  # fmt: skip
+        table.add_column(column)
+    for s in figures["scores"]:
+        table.add_row(
+            s["event_type"], str(s["events"]), str(s["detected"]), str(s["alerts"]),
+            _fmt(s["precision"]), _fmt(s["recall"]), _fmt(s["mean_time_to_detect_s"]),
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"alerts by rule: {figures['alert_counts']}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
