@@ -91,6 +91,6 @@ def test_device_failure_raises_the_deadman_alerts(config: Config, tmp_path: Path
 
 
 def test_haze_raises_air_quality_alerts_in_every_district(config: Config, tmp_path: Path) -> None:
-    sim, figures = run("haze", config, tmp_path, **{"clock.duration_s": 14_400.0})
+    _, figures = run("haze", config, tmp_path, **{"clock.duration_s": 14_400.0})
     score = scores(figures)["haze"]
     assert score["recall"] == 1.0 and score["precision"] == 1.0

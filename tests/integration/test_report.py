@@ -56,7 +56,7 @@ def test_report_shows_its_plots_and_matches_influxdb(
     )
     try:
         tpi = db.query(
-            "SELECT \"tpi\" FROM \"traffic_district\" WHERE \"window\" = '1m' AND \"district\" = "
+            'SELECT "tpi" FROM "traffic_district" WHERE "window" = \'1m\' AND "district" = '
             f"'city' AND time >= {figures['start_ms']}ms"
         )["results"][0]["series"][0]["values"]
         traffic = db.query('SELECT count("occupancy_pct") FROM "traffic"')["results"][0]

@@ -15,9 +15,7 @@ MIN = 60 * NS
 def add(buffer: PaneBuffer, watermark: Watermark, entity: list[int], ts_min: list[float],
         values: list[float]) -> np.ndarray:  # fmt: skip
     ts = (np.array(ts_min) * MIN).astype(np.int64)
-    late = buffer.add(
-        watermark.value_ns, np.array(entity), ts, value=np.array(values, dtype=float)
-    )
+    late = buffer.add(watermark.value_ns, np.array(entity), ts, value=np.array(values, dtype=float))
     watermark.observe(ts)
     return late
 
