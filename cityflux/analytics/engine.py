@@ -100,6 +100,8 @@ class AnalyticsEngine:
         self._last_data = time.monotonic()
         self._last_checkpoint = time.monotonic()
         self._newest_before = _newest_before([], 0)
+        self.latest: tuple[int, LinkIndices, Rollup] | None = None
+        self.latest_end = 0
         self._checkpoint_path = Path(config.checkpoint_dir) / "windows.npz"
         self.restore()
 
@@ -238,6 +240,9 @@ class AnalyticsEngine:
         links = link_indices(self.model, self.station_parts[start])
         self.counts["traffic_windows"] += 1
         districts = rollup(self.model, links)
+        if end >= self.latest_end:  # for live views (the demo): replaced whole, never mutated
+            self.latest = (end, links, districts)
+            self.latest_end = end
         out.lines += self._segment_lines(links, "1m", end)
         out.lines += self._district_lines(districts, "1m", end)
         first_pane = start - (self.config.sliding_panes - 1) * self.traffic.pane_ns

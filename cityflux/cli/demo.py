@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from contextlib import ExitStack
@@ -10,11 +11,14 @@ from pathlib import Path
 from typing import Annotated
 
 import msgspec
+import numpy as np
 import typer
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
+from cityflux.analytics.alerts import Alert, AlertStore
+from cityflux.analytics.indices import TPI_LEVELS
 from cityflux.cli.common import ConfigOption, app, console, local_stack, setup_logging
 from cityflux.cli.simulate import make_simulation, write_outputs
 from cityflux.config import Config
@@ -38,6 +42,8 @@ class DemoState:
     stored: dict[str, dict[str, int]] = field(default_factory=dict)  # district -> kind -> n
     last_query: float = 0.0
     rate: float = 0.0
+    alerts: AlertStore | None = None  # its own connection: the demo reads, the engine writes
+    active: list[Alert] = field(default_factory=list)
     _last: tuple[float, float] = (0.0, 0.0)
 
     def refresh(self) -> None:
@@ -50,6 +56,10 @@ class DemoState:
         if now - self.last_query >= 2.0:
             self.last_query = now
             self.stored = stored_by_district(self.writer)
+            if self.alerts is not None:
+                rank = {"critical": 0, "major": 1, "minor": 2, "warning": 3}
+                active = self.alerts.select("state='active'")
+                self.active = sorted(active, key=lambda a: (rank.get(a.severity, 9), -a.id))
 
 
 def stored_by_district(writer: InfluxWriter) -> dict[str, dict[str, int]]:
@@ -90,6 +100,10 @@ def demo(
                 scenario, speed=parse_speed(speed), topic_root=loaded.mqtt.topic_root
             )
             data_dir.mkdir(parents=True, exist_ok=True)
+            # each demo replays its scenario from the start: yesterday's windows and alerts
+            # would make today's readings look late
+            shutil.rmtree(loaded.analytics.checkpoint_dir, ignore_errors=True)
+            Path(loaded.analytics.alerts_db).unlink(missing_ok=True)
             city_map = data_dir / "city-map.json"  # the analytics read the simulated city
             city_map.write_bytes(msgspec.json.encode(sim.city))
             loaded = loaded.with_overrides({"analytics.city_map": str(city_map.resolve())})
@@ -110,6 +124,8 @@ def _run(
     worker = threading.Thread(target=pipeline.run, name="pipeline", daemon=True)
     worker.start()
     state = DemoState(sim, pipeline, InfluxWriter(config.influx))
+    if pipeline.analytics is not None:
+        state.alerts = AlertStore(config.analytics.alerts_db)
     stop = threading.Event()
     outcome: list[RunSummary] = []
 
@@ -177,7 +193,42 @@ def _view(state: DemoState) -> Group:
         districts.add_row(
             district, f"{published[district]:,}", *(f"{row.get(k, 0):,}" for k in STORED_FIELDS)
         )
-    return Group(overview, rejections, districts)
+    return Group(overview, rejections, districts, *_analytics_view(state))
+
+
+def _analytics_view(state: DemoState) -> list[Table]:
+    analytics = state.pipeline.analytics
+    if analytics is None:
+        return []
+    engine = analytics.engine
+    tpi = Table(title="congestion (GB/T 33171 TPI, last minute)")
+    for column in ("district", "TPI", "level", "congested length", "CV"):
+        tpi.add_column(column, justify="right")
+    top = Table(title="most congested segments")
+    for column in ("segment", "direction", "TPI", "speed km/h", "LOS"):
+        top.add_column(column, justify="right")
+    latest = engine.latest
+    if latest is not None:
+        _, links, rollup = latest
+        names = [*engine.model.district_ids, "city"]
+        for i, name in enumerate(names):
+            value = rollup.tpi[i]
+            if not np.isnan(value):
+                level = TPI_LEVELS[min(int(value // 2), 4)]
+                tpi.add_row(name, f"{value:.1f}", level, f"{rollup.congested_share[i]:.0%}",
+                            f"{rollup.cv[i]:.2f}")  # fmt: skip
+        order = np.argsort(-np.nan_to_num(links.tpi, nan=-1.0))[:5]
+        for i in order.tolist():
+            if not np.isnan(links.tpi[i]):
+                top.add_row(engine.model.link_segment[i], engine.model.link_direction[i],
+                            f"{links.tpi[i]:.1f}", f"{links.speed_kmh[i]:.0f}",
+                            str(links.los[i]))  # fmt: skip
+    alerts = Table(title=f"active alerts ({len(state.active)})")
+    for column in ("id", "severity", "rule", "entity", "message"):
+        alerts.add_column(column)
+    for alert in state.active[:8]:
+        alerts.add_row(str(alert.id), alert.severity, alert.rule, alert.entity, alert.message)
+    return [tpi, top, alerts]
 
 
 def _offset_s(sim: Simulation) -> float:
