@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import operator
 import sqlite3
+import threading
 import tomllib
 from collections import deque
 from collections.abc import Callable
@@ -211,6 +212,8 @@ class AlertEngine:
         self.store = store
         # per rule, per entity: only entities whose condition holds or whose alert is active
         self.trackers: dict[str, dict[str, Tracker]] = {rule.name: {} for rule in rules}
+        self._rows: dict[int, tuple[Array, dict[str, int]]] = {}
+        self._lock = threading.Lock()
         # recent condition results per rule and entity, for flapping (outlives the trackers)
         self.history: dict[str, dict[str, deque[bool]]] = {rule.name: {} for rule in rules}
         for alert in store.active():  # restart: active alerts carry on, nothing re-fires
@@ -219,6 +222,10 @@ class AlertEngine:
             )
 
     def evaluate(self, observation: Observation) -> list[Alert]:
+        with self._lock:  # per-reading rules and window rules come from different threads
+            return self._evaluate(observation)
+
+    def _evaluate(self, observation: Observation) -> list[Alert]:
         changed: list[Alert] = []
         dirty: list[Alert] = []
         for rule in self.by_source.get(observation.source, []):
@@ -233,13 +240,24 @@ class AlertEngine:
             tracked = self.trackers[rule.name]
             rows = np.flatnonzero(holds).tolist()
             if tracked:
-                entity_rows = {e: i for i, e in enumerate(observation.entity.tolist())}
+                entity_rows = self._rows_of(observation.entity)
                 rows = sorted(set(rows) | {entity_rows[e] for e in tracked if e in entity_rows})
             for row in rows:
                 self._step(rule, observation, row, bool(holds[row]), bool(clears[row]),
                            changed, dirty)  # fmt: skip
         self.store.save(changed + [a for a in dirty if a not in changed])
         return [msgspec.structs.replace(alert) for alert in changed]  # as they were now
+
+    def _rows_of(self, entity: Array) -> dict[str, int]:
+        """Entity id -> row. Sources that send the same entity array every window (links,
+        poles, devices) get it built once; the array is kept so its id stays unique."""
+        cached = self._rows.get(id(entity))
+        if cached is None or cached[0] is not entity:
+            cached = (entity, {e: i for i, e in enumerate(entity.tolist())})
+            if len(self._rows) > 64:
+                self._rows.clear()
+            self._rows[id(entity)] = cached
+        return cached[1]
 
     def _step(
         self,
@@ -317,6 +335,10 @@ class AlertEngine:
 
     def acknowledge(self, alert_id: int, by: str) -> Alert | None:
         """Mark an alert acknowledged (active or cleared); None if there is no such alert."""
+        with self._lock:
+            return self._acknowledge(alert_id, by)
+
+    def _acknowledge(self, alert_id: int, by: str) -> Alert | None:
         stored = self.store.acknowledge(alert_id, by)
         for trackers in self.trackers.values():
             for tracker in trackers.values():

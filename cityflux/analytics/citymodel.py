@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cityflux.analytics import indices
 from cityflux.citymap import CityMap
 
 Array = npt.NDArray[Any]
@@ -44,6 +45,14 @@ class CityModel:
     station_pairs: Array = field(init=False)  # (n, 2) detector indices: upstream, downstream
     pole_index: dict[str, int] = field(init=False)
     manhole_index: dict[str, int] = field(init=False)
+    # labels the analytics attach to every window's results, built once
+    link_speed_bands: Array = field(init=False)
+    link_entity: Array = field(init=False)  # "<segment>:<direction>"
+    link_district_id: Array = field(init=False)
+    link_direction_array: Array = field(init=False)
+    detector_ids: Array = field(init=False)
+    pair_entity: Array = field(init=False)  # "<segment>:<upstream station>"
+    rollup_names: Array = field(init=False)  # districts, then "city"
 
     def __post_init__(self) -> None:
         city = self.city
@@ -71,6 +80,16 @@ class CityModel:
         self.station_pairs = _station_pairs(self)
         self.pole_index = {p.id: i for i, p in enumerate(city.poles)}
         self.manhole_index = {m.id: i for i, m in enumerate(city.manholes)}
+        self.link_speed_bands = indices.speed_bands(self.link_class)
+        self.link_entity = np.array([f"{s}:{d}" for s, d in links], dtype=object)
+        self.link_district_id = np.array(self.district_ids, dtype=object)[self.link_district]
+        self.link_direction_array = np.array(self.link_direction, dtype=object)
+        self.detector_ids = np.array([d.id for d in city.detectors], dtype=object)
+        up = self.station_pairs[:, 0].tolist()
+        self.pair_entity = np.array(
+            [f"{city.detectors[i].segment}:{city.detectors[i].id}" for i in up], dtype=object
+        )
+        self.rollup_names = np.array([*self.district_ids, "city"], dtype=object)
 
     @property
     def links(self) -> int:

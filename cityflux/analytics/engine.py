@@ -17,8 +17,10 @@ I/O: the pipeline writes the lines durably and publishes the alert changes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,11 +47,11 @@ from cityflux.analytics.traffic import (
     rollup,
     station_partials,
 )
-from cityflux.analytics.windows import NS, PaneBuffer, Watermark
+from cityflux.analytics.windows import NS, Pane, PaneBuffer, Watermark
 from cityflux.citymap import CityMap, load_city_map
 from cityflux.config import AnalyticsConfig
 from cityflux.ingest.batch import Columns
-from cityflux.store.lineprotocol import encode_point, encode_table
+from cityflux.store.lineprotocol import encode_point, encode_table, series_prefixes
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -78,8 +80,19 @@ class Output:
 
 
 class AnalyticsEngine:
-    def __init__(self, config: AnalyticsConfig, city: CityMap | None = None) -> None:
+    def __init__(
+        self,
+        config: AnalyticsConfig,
+        city: CityMap | None = None,
+        *,
+        encode: bool = True,
+        notify: Callable[[Alert], None] | None = None,
+    ) -> None:
         self.config = config
+        # called at once for every alert change, before windows are computed: an open manhole
+        # cover must not wait for a minute of traffic indices (bench/analytics.py, latency)
+        self.notify = notify
+        self.encode = encode  # False: compute and alert, write no index lines (benchmarks)
         self.city = city or load_city_map(resolve_map(config.city_map))
         self.model = CityModel(self.city)
         self.watermark = Watermark(round(config.delay_s * NS))
@@ -100,10 +113,44 @@ class AnalyticsEngine:
         self._last_data = time.monotonic()
         self._last_checkpoint = time.monotonic()
         self._newest_before = _newest_before([], 0)
+        self._series: dict[str, Array] = {}
         self.latest: tuple[int, LinkIndices, Rollup] | None = None
         self.latest_end = 0
         self._checkpoint_path = Path(config.checkpoint_dir) / "windows.npz"
+        # Threads (start_worker): the caller's thread adds rows and runs the per-reading rules;
+        # a worker computes the windows, so an open manhole cover never waits behind a minute
+        # of traffic indices. _panes_lock guards the pane buffers and the watermark (held
+        # briefly); _emit_lock guards everything windows derive (held while computing).
+        self._panes_lock = threading.Lock()
+        self._emit_lock = threading.RLock()
+        self._pending = Output()
+        self._pending_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
         self.restore()
+
+    def start_worker(self) -> None:
+        self._worker = threading.Thread(target=self._work, name="analytics", daemon=True)
+        self._worker.start()
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            out = Output()
+            with self._emit_lock:
+                self._emit(out)
+                self._maybe_checkpoint()
+            if out.lines:
+                with self._pending_lock:
+                    self._pending.lines += out.lines
+
+    def take_pending(self) -> list[str]:
+        """Lines the worker produced since the last call (windows and their alerts)."""
+        with self._pending_lock:
+            lines, self._pending.lines = self._pending.lines, []
+        return lines
 
     # -- input ---------------------------------------------------------------------------
     def process(self, columns: dict[str, Columns]) -> Output:
@@ -118,14 +165,19 @@ class AnalyticsEngine:
             handler = getattr(self, f"_add_{kind}", None)
             if handler is not None and len(cols):
                 handler(cols, entity, out)
-        for kind, (cols, entity) in mapped.items():
-            if kind != "status":
-                self.watermark.observe(cols.ts_ns)
-                self._seen(kind, entity, cols.ts_ns)
+        with self._panes_lock:
+            for kind, (cols, entity) in mapped.items():
+                if kind != "status":
+                    self.watermark.observe(cols.ts_ns)
+                    self._seen(kind, entity, cols.ts_ns)
         if any(len(c) for c in columns.values()):
             self._last_data = time.monotonic()
-        self._emit(out)
-        self._maybe_checkpoint()
+        if self._worker is not None:
+            self._wake.set()
+        else:
+            with self._emit_lock:
+                self._emit(out)
+                self._maybe_checkpoint()
         return out
 
     def _map(self, kind: str, cols: Columns) -> tuple[Columns, Array]:
@@ -152,7 +204,12 @@ class AnalyticsEngine:
 
     def _add_traffic(self, cols: Columns, entity: Array, out: Output) -> None:
         lane = np.clip(cols.fields["lane"], 1, 16) - 1
-        late = self.traffic.add(
+        with self._panes_lock:
+            late = self._add_traffic_rows(cols, entity, lane)
+        self._too_late("traffic", cols, late, out)
+
+    def _add_traffic_rows(self, cols: Columns, entity: Array, lane: Array) -> Array:
+        return self.traffic.add(
             self.watermark.value_ns,
             entity * 16 + lane,
             cols.ts_ns,
@@ -161,11 +218,11 @@ class AnalyticsEngine:
             speed_kmh=cols.fields["speed_kmh"],
             interval_s=cols.fields["interval_s"],
         )
-        self._too_late("traffic", cols, late, out)
 
     def _add_pole(self, cols: Columns, entity: Array, out: Output) -> None:
         f = cols.fields
-        late = self.poles.add(
+        with self._panes_lock:
+            late = self.poles.add(
             self.watermark.value_ns, entity, cols.ts_ns,
             pm25_ugm3=f["pm25_ugm3"], pm10_ugm3=f["pm10_ugm3"], noise_dba=f["noise_dba"],
             lamp_on=f["lamp_on"], lamp_power_w=f["lamp_power_w"], lamp_fault=f["lamp_fault"],
@@ -203,30 +260,43 @@ class AnalyticsEngine:
         idle = time.monotonic() - self._last_data >= self.config.idle_flush_s
         if idle and self.watermark.newest_ns and self._has_open_panes():
             self.flush(out)
-        self._maybe_checkpoint()
+        if self._worker is None:
+            with self._emit_lock:
+                self._maybe_checkpoint()
+        out.lines += self.take_pending()
         return out
 
     def flush(self, out: Output | None = None) -> Output:
         """Treat every reading seen so far as on time and complete: emit all open windows."""
         out = out or Output()
         pane = max(self.traffic.pane_ns, self.poles.pane_ns)
-        self.watermark.forced_ns = ((self.watermark.newest_ns // pane) + 1) * pane
-        self._emit(out)
+        with self._emit_lock:
+            with self._panes_lock:
+                self.watermark.forced_ns = ((self.watermark.newest_ns // pane) + 1) * pane
+            self._emit(out)
+        out.lines += self.take_pending()
         return out
 
     def _has_open_panes(self) -> bool:
-        return any(p.dirty for p in [*self.traffic.panes.values(), *self.poles.panes.values()])
+        with self._panes_lock:
+            panes = [*self.traffic.panes.values(), *self.poles.panes.values()]
+        return any(p.dirty for p in panes)
 
     def _emit(self, out: Output) -> None:
-        watermark = self.watermark.value_ns
-        for pane in self.traffic.due(watermark):
-            self._traffic_pane(pane.start_ns, pane.rows(), not pane.emitted, out)
-            pane.emitted, pane.dirty = True, False
-        for pane in self.poles.due(watermark):
-            self._pole_pane(pane.start_ns, pane.rows(), out)
-            pane.emitted, pane.dirty = True, False
-        for buffer in (self.traffic, self.poles):
-            buffer.expire(watermark)
+        """Compute every window that became complete (caller holds _emit_lock)."""
+        with self._panes_lock:  # take the panes' rows; compute without holding the lock
+            watermark = self.watermark.value_ns
+            traffic = [(p.start_ns, list(p.chunks), not p.emitted)
+                       for p in self.traffic.due(watermark)]  # fmt: skip
+            poles = [(p.start_ns, list(p.chunks)) for p in self.poles.due(watermark)]
+            for pane in [*self.traffic.due(watermark), *self.poles.due(watermark)]:
+                pane.emitted, pane.dirty = True, False
+            for buffer in (self.traffic, self.poles):
+                buffer.expire(watermark)
+        for start, chunks, first in traffic:
+            self._traffic_pane(start, Pane.dedup(chunks), first, out)
+        for start, chunks in poles:
+            self._pole_pane(start, Pane.dedup(chunks), out)
         keep_traffic = self.traffic.pane_ns * (self.config.sliding_panes + 1)
         keep_env = round(self.config.env_window_s * NS) + self.poles.pane_ns
         _forget(self.station_parts, watermark - keep_traffic - self.traffic.lateness_ns)
@@ -261,17 +331,24 @@ class AnalyticsEngine:
             self._observe_incidents(self.california.step(occupancy), occupancy, end, out)
             self._observe_silence(end, out)
 
+    def _prefixes(self, key: str, measurement: str, tags: dict[str, list[str]]) -> Array:
+        """Series prefixes of a table whose rows are fixed entities (links, poles, districts):
+        built once, then selected per window."""
+        cached = self._series.get(key)
+        if cached is None:
+            cached = self._series[key] = np.array(series_prefixes(measurement, tags), dtype=object)
+        return cached
+
     def _segment_lines(self, links: LinkIndices, window: str, end: int) -> list[str]:
         m = self.model
         ok = links.has_data
-        district = np.array(m.district_ids, dtype=object)[m.link_district]
-        tags = {
-            "segment": np.array(m.link_segment, dtype=object)[ok].tolist(),
-            "direction": np.array(m.link_direction, dtype=object)[ok].tolist(),
-            "district": district[ok].tolist(),
-            "road_class": m.link_class[ok].tolist(),
-            "window": [window] * int(ok.sum()),
-        }
+        if not self.encode:
+            return []
+        prefixes = self._prefixes(f"segment/{window}", SEGMENT_MEASUREMENT, {
+            "segment": m.link_segment, "direction": m.link_direction,
+            "district": np.array(m.district_ids, dtype=object)[m.link_district].tolist(),
+            "road_class": m.link_class.tolist(), "window": [window] * m.links,
+        })  # fmt: skip
         fields = {
             "flow_vph": links.flow_vph[ok], "occupancy_pct": links.occupancy_pct[ok],
             "speed_kmh": links.speed_kmh[ok], "density_vpkm": links.density_vpkm[ok],
@@ -280,32 +357,29 @@ class AnalyticsEngine:
             "level": links.level[ok].astype(np.int64), "los": links.los[ok].astype(object),
             "vc": links.vc[ok], "imputed": links.imputed[ok],
         }  # fmt: skip
-        return encode_table(SEGMENT_MEASUREMENT, tags, _rounded(fields), end)
+        return encode_table(prefixes[ok].tolist(), _rounded(fields), end)
 
     def _district_lines(self, r: Rollup, window: str, end: int) -> list[str]:
+        if not self.encode:
+            return []
         names = [*self.model.district_ids, "city"]
         fields = {
             "tpi": r.tpi, "congested_share": r.congested_share, "cv": r.cv, "vkt": r.vkt,
             "segments_with_data": r.links_with_data.astype(np.int64),
         }  # fmt: skip
-        tags = {"district": names, "window": [window] * len(names)}
-        return encode_table(DISTRICT_MEASUREMENT, tags, _rounded(fields), end)
+        prefixes = self._prefixes(f"district/{window}", DISTRICT_MEASUREMENT,
+                                  {"district": names, "window": [window] * len(names)})  # fmt: skip
+        return encode_table(prefixes.tolist(), _rounded(fields), end)
 
     def _observe_segments(self, links: LinkIndices, r: Rollup, end: int, out: Output) -> None:
         m = self.model
-        entity = np.array(
-            [f"{s}:{d}" for s, d in zip(m.link_segment, m.link_direction, strict=True)],
-            dtype=object,
-        )
-        district = np.array(m.district_ids, dtype=object)[m.link_district]
         self._observe(out, Observation(
-            "segment", end, entity, district,
+            "segment", end, m.link_entity, m.link_district_id,
             {"tpi": links.tpi, "speed_kmh": links.speed_kmh, "tti": links.tti, "vc": links.vc,
              "level": links.level.astype(np.float64)},
-            labels={"direction": np.array(m.link_direction, dtype=object),
-                    "speed": links.speed_kmh},
+            labels={"direction": m.link_direction_array, "speed": links.speed_kmh},
         ))  # fmt: skip
-        names = np.array([*m.district_ids, "city"], dtype=object)
+        names = m.rollup_names
         self._observe(out, Observation(
             "district", end, names, names,
             {"tpi": r.tpi, "congested_share": r.congested_share, "cv": r.cv},
@@ -315,22 +389,15 @@ class AnalyticsEngine:
         pairs = self.model.station_pairs
         if not len(pairs):
             return
-        detectors = self.city.detectors
+        m = self.model
         up, down = pairs[:, 0], pairs[:, 1]
-        # one alert per station pair, named by its segment and its upstream station
-        segment = np.array(
-            [f"{detectors[i].segment}:{detectors[i].id}" for i in up.tolist()], dtype=object
-        )
-        district = np.array(self.model.district_ids, dtype=object)[
-            self.model.link_district[self.model.detector_link[up]]
-        ]
         with np.errstate(invalid="ignore", divide="ignore"):
             occrdf = (occupancy[up] - occupancy[down]) / occupancy[up]
+        # one alert per station pair, named by its segment and its upstream station
         self._observe(out, Observation(
-            "incident", end, segment, district, {"active": active.astype(np.float64)},
-            labels={"upstream": np.array([detectors[i].id for i in up.tolist()], dtype=object),
-                    "downstream": np.array([detectors[i].id for i in down.tolist()],
-                                           dtype=object),
+            "incident", end, m.pair_entity, m.link_district_id[m.detector_link[up]],
+            {"active": active.astype(np.float64)},
+            labels={"upstream": m.detector_ids[up], "downstream": m.detector_ids[down],
                     "occrdf": occrdf},
         ))  # fmt: skip
 
@@ -360,13 +427,15 @@ class AnalyticsEngine:
         ids = np.array([p.id for p in self.city.poles], dtype=object)
         district = np.array([p.district for p in self.city.poles], dtype=object)
         tags = {"device_id": ids.tolist(), "district": district.tolist()}
-        out.lines += encode_table(AIR_MEASUREMENT, tags, _rounded({
+        air = self._prefixes("air", AIR_MEASUREMENT, tags).tolist()
+        noise = self._prefixes("noise", NOISE_MEASUREMENT, tags).tolist()
+        out.lines += encode_table(air, _rounded({
             "aqi": result.aqi, "iaqi_pm25": result.iaqi_pm25, "iaqi_pm10": result.iaqi_pm10,
             "pm25_1h_ugm3": result.pm25_1h, "pm10_1h_ugm3": result.pm10_1h,
             "category": result.category.astype(np.int64), "primary": result.primary.astype(object),
         }), end)  # fmt: skip
         period = "day" if 6 <= local_hour < 22 else "night"
-        out.lines += encode_table(NOISE_MEASUREMENT, tags, _rounded({
+        out.lines += encode_table(noise, _rounded({
             "leq_1h_dba": result.leq_dba, "limit_dba": result.limit_dba,
             "exceed_dba": result.exceed_dba,
         }), end)  # fmt: skip
@@ -388,6 +457,8 @@ class AnalyticsEngine:
         for alert in self.alerts.evaluate(observation):
             out.alerts.append(alert)
             out.lines.append(alert_line(alert))
+            if self.notify is not None:
+                self.notify(alert)
 
     def acknowledge(self, alert_id: int, by: str) -> tuple[Alert | None, list[str]]:
         alert = self.alerts.acknowledge(alert_id, by)
@@ -408,6 +479,10 @@ class AnalyticsEngine:
             self.checkpoint()
 
     def checkpoint(self) -> None:
+        with self._emit_lock, self._panes_lock:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
         """Open panes, window partials, watermark and per-device state, atomically on disk.
         (Alerts are in SQLite already.) Redelivered messages after a crash are de-duplicated
         by the panes, so replaying what the checkpoint missed counts nothing twice."""
@@ -462,6 +537,10 @@ class AnalyticsEngine:
         log.info("analytics restored from %s", self._checkpoint_path)
 
     def close(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
         self.checkpoint()
         self.alerts.store.close()
 

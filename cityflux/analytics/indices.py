@@ -89,9 +89,15 @@ def tpi_level(tpi: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(tpi), 0, level)
 
 
-def congestion_level(speed_kmh: np.ndarray, road_class: np.ndarray) -> np.ndarray:
-    """1 (smooth) to 5 (severe) from the speed bands of each segment's road class; 0: no data."""
-    bands = np.array([SPEED_BANDS_KMH[str(c)] for c in road_class]).reshape(-1, 4)
+def speed_bands(road_class: np.ndarray) -> np.ndarray:
+    """The (n, 4) speed band bounds of each segment's road class."""
+    bands: np.ndarray = np.array([SPEED_BANDS_KMH[str(c)] for c in road_class]).reshape(-1, 4)
+    return bands
+
+
+def congestion_level(speed_kmh: np.ndarray, bands: np.ndarray) -> np.ndarray:
+    """1 (smooth) to 5 (severe) from the speed bands of each segment (:func:`speed_bands`);
+    0: no data."""
     level = 1 + np.sum(speed_kmh[:, None] <= bands, axis=1)
     return np.where(np.isnan(speed_kmh), 0, level)
 

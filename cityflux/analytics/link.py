@@ -38,17 +38,18 @@ class Publisher(Protocol):
 
 class AnalyticsLink:
     def __init__(self, config: Config, publisher: Publisher) -> None:
-        self.engine = AnalyticsEngine(config.analytics)
         self.publisher = publisher
         root = config.mqtt.topic_root
         self.alert_root = f"{root}/alerts"
         self.ack_topic = f"{root}/alerts/ack"
         self._ack_decoder = msgspec.json.Decoder(AckMessage)
         self._encoder = msgspec.json.Encoder()
+        self.engine = AnalyticsEngine(config.analytics, notify=self._publish_one)
+        self.engine.start_worker()
 
     def process(self, columns: dict[str, Columns]) -> tuple[list[str], list[Rejection]]:
-        out = self.engine.process(columns)
-        self._publish(out.alerts)
+        out = self.engine.process(columns)  # alert changes are published as they happen
+        out.lines += self.engine.take_pending()  # windows the worker finished meanwhile
         late = [
             Rejection(
                 Reason.TOO_LATE,
@@ -63,14 +64,10 @@ class AnalyticsLink:
         return out.lines, late
 
     def idle(self) -> list[str]:
-        out = self.engine.tick()
-        self._publish(out.alerts)
-        return out.lines
+        return self.engine.tick().lines
 
     def flush(self) -> Output:
-        out = self.engine.flush()
-        self._publish(out.alerts)
-        return out
+        return self.engine.flush()
 
     def acknowledgements(self, topics: list[str], payloads: list[bytes]) -> list[str]:
         """Apply every ``{topic_root}/alerts/ack`` message of the batch."""
@@ -88,15 +85,14 @@ class AnalyticsLink:
                 log.warning("acknowledgement of unknown alert %d", ack.id)
                 continue
             lines += alert_lines
-            self._publish([alert])
+            self._publish_one(alert)
         return lines
 
     def topic(self, alert: Alert) -> str:
         return f"{self.alert_root}/{alert.district or '-'}/{alert.rule}/{alert.entity}"
 
-    def _publish(self, alerts: list[Alert]) -> None:
-        for alert in alerts:
-            self.publisher.publish(self.topic(alert), self._encoder.encode(alert), retain=True)
+    def _publish_one(self, alert: Alert) -> None:
+        self.publisher.publish(self.topic(alert), self._encoder.encode(alert), retain=True)
 
     def recover(self, writer: InfluxWriter) -> int:
         """Re-read raw readings of still-open windows from InfluxDB after a restart.

@@ -138,7 +138,7 @@ def _derived(
     vc = flow / model.link_capacity
     dtp = indices.delay_proportion(speed, model.link_free_flow)
     tpi = indices.tpi_from_dtp(dtp)
-    level = indices.congestion_level(speed, model.link_class)
+    level = indices.congestion_level(speed, model.link_speed_bands)
     los = indices.level_of_service(
         model.link_class, speed, model.link_free_flow, density / model.link_lanes, vc
     )

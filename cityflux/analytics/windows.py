@@ -64,11 +64,16 @@ class Pane:
 
     def rows(self) -> dict[str, Array]:
         """All rows, de-duplicated on (entity, ts_ns): the last arrival wins."""
-        if len(self.chunks) > 1:
-            self.chunks = [{k: np.concatenate([c[k] for c in self.chunks]) for k in self.chunks[0]}]
-        if not self.chunks:
+        return self.dedup(self.chunks)
+
+    @staticmethod
+    def dedup(chunks: list[dict[str, Array]]) -> dict[str, Array]:
+        if not chunks:
             return {}
-        rows = self.chunks[0]
+        if len(chunks) == 1:
+            rows = chunks[0]
+        else:
+            rows = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
         order = np.lexsort((np.arange(len(rows["ts_ns"])), rows["ts_ns"], rows["entity"]))
         entity, ts = rows["entity"][order], rows["ts_ns"][order]
         last = np.ones(len(order), dtype=bool)

@@ -96,20 +96,22 @@ def _fragments(key: str, column: npt.NDArray[Any]) -> list[str]:
     return [f"{key}={value}i" for value in column.tolist()]
 
 
-def encode_table(
-    measurement: str,
-    tags: Mapping[str, Sequence[str]],
-    fields: Mapping[str, npt.NDArray[Any]],
-    ts_ns: int,
-) -> list[str]:
-    """One line per row of a table of results (analytics output); rows with no field present
-    are skipped, NaN fields are left out, empty tag values are dropped."""
+def series_prefixes(measurement: str, tags: Mapping[str, Sequence[str]]) -> list[str]:
+    """``measurement,tag=value,...`` per row (tags sorted, empty values dropped). Results of
+    the same entities repeat every window: callers cache these."""
     names = sorted(tags)
-    prefixes = [
+    return [
         escape_measurement(measurement)
         + "".join(f",{escape_key(k)}={escape_key(v)}" for k, v in zip(names, row, strict=True) if v)
         for row in zip(*(tags[k] for k in names), strict=True)
     ]
+
+
+def encode_table(
+    prefixes: Sequence[str], fields: Mapping[str, npt.NDArray[Any]], ts_ns: int
+) -> list[str]:
+    """One line per row of a table of results (analytics output), given each row's series
+    prefix; rows with no field present are skipped, NaN fields are left out."""
     fragments = [_fragments(escape_key(name), column) for name, column in fields.items()]
     lines = []
     for prefix, row in zip(prefixes, zip(*fragments, strict=True), strict=True):

@@ -34,7 +34,8 @@ def test_delay_proportion_from_speeds_and_no_data() -> None:
     [(70, 1), (65, 2), (50.1, 2), (50, 3), (35, 4), (20.1, 4), (20, 5), (5, 5)],
 )
 def test_expressway_speed_bands(speed: float, level: int) -> None:
-    got = indices.congestion_level(np.array([float(speed)]), np.array(["expressway"], object))
+    bands = indices.speed_bands(np.array(["expressway"], object))
+    got = indices.congestion_level(np.array([float(speed)]), bands)
     assert got[0] == level
 
 
