@@ -128,9 +128,14 @@ class AnalyticsEngine:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
+        self._deliver: Callable[[list[str]], object] | None = None
         self.restore()
 
-    def start_worker(self) -> None:
+    def start_worker(self, deliver: Callable[[list[str]], object] | None = None) -> None:
+        """Compute windows on a thread of their own. ``deliver`` writes the window results
+        (durably) from that thread, so their volume never holds up ingest; without it they
+        wait for :meth:`take_pending`."""
+        self._deliver = deliver
         self._worker = threading.Thread(target=self._work, name="analytics", daemon=True)
         self._worker.start()
 
@@ -142,7 +147,9 @@ class AnalyticsEngine:
             with self._emit_lock:
                 self._emit(out)
                 self._maybe_checkpoint()
-            if out.lines:
+            if out.lines and self._deliver is not None:
+                self._deliver(out.lines)
+            elif out.lines:
                 with self._pending_lock:
                     self._pending.lines += out.lines
 
@@ -165,11 +172,12 @@ class AnalyticsEngine:
             handler = getattr(self, f"_add_{kind}", None)
             if handler is not None and len(cols):
                 handler(cols, entity, out)
-        with self._panes_lock:
-            for kind, (cols, entity) in mapped.items():
-                if kind != "status":
-                    self.watermark.observe(cols.ts_ns)
-                    self._seen(kind, entity, cols.ts_ns)
+        with self._panes_lock:  # devices seen first, then time advances: no false deadman
+            readings = [(k, c, e) for k, (c, e) in mapped.items() if k != "status"]
+            for kind, cols, entity in readings:
+                self._seen(kind, entity, cols.ts_ns)
+            for _, cols, _ in readings:
+                self.watermark.observe(cols.ts_ns)
         if any(len(c) for c in columns.values()):
             self._last_data = time.monotonic()
         if self._worker is not None:
@@ -402,11 +410,12 @@ class AnalyticsEngine:
         ))  # fmt: skip
 
     def _observe_silence(self, end: int, out: Output) -> None:
-        seen = self.last_seen > 0
-        silent = np.where(seen, (self.watermark.observed_ns - self.last_seen) / NS, np.nan)
+        with self._panes_lock:  # a consistent pair: ingest updates both under this lock
+            observed, last_seen = self.watermark.observed_ns, self.last_seen.copy()
+        silent = np.where(last_seen > 0, (observed - last_seen) / NS, np.nan)
         devices = self.devices
         self._observe(out, Observation(
-            "silence", max(self.watermark.observed_ns, end), devices.ids, devices.district,
+            "silence", max(observed, end), devices.ids, devices.district,
             {"silent_s": silent}, kind=devices.kind,
         ))  # fmt: skip
 

@@ -4,6 +4,7 @@ changes (MQTT, retained) and too-late rejections out; acknowledgements from MQTT
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -37,7 +38,9 @@ class Publisher(Protocol):
 
 
 class AnalyticsLink:
-    def __init__(self, config: Config, publisher: Publisher) -> None:
+    def __init__(
+        self, config: Config, publisher: Publisher, write: Callable[[list[str]], object]
+    ) -> None:
         self.publisher = publisher
         root = config.mqtt.topic_root
         self.alert_root = f"{root}/alerts"
@@ -45,7 +48,7 @@ class AnalyticsLink:
         self._ack_decoder = msgspec.json.Decoder(AckMessage)
         self._encoder = msgspec.json.Encoder()
         self.engine = AnalyticsEngine(config.analytics, notify=self._publish_one)
-        self.engine.start_worker()
+        self.engine.start_worker(deliver=write)
 
     def process(self, columns: dict[str, Columns]) -> tuple[list[str], list[Rejection]]:
         out = self.engine.process(columns)  # alert changes are published as they happen

@@ -58,7 +58,11 @@ class Pipeline:
         self.sink = DurableSink(self.writer, self.spool, self.metrics, self._dead_letter_lines)
         self.metrics_port = config.metrics.port + worker if config.metrics.port else 0
         self.server: MetricsServer | None = None
-        self.analytics = AnalyticsLink(config, self.consumer) if config.analytics.enabled else None
+        self.analytics = (
+            AnalyticsLink(config, self.consumer, self._write_derived)
+            if config.analytics.enabled
+            else None
+        )
         self.stopping = threading.Event()
         self._next_health = 0.0
         self._handover: queue.Queue[tuple[MessageBatch, BatchOutcome] | None] = queue.Queue(1)
@@ -230,6 +234,12 @@ class Pipeline:
                 continue
             self.metrics.spool_full.set(0)
             return result
+
+    def _write_derived(self, lines: list[str]) -> None:
+        """Analytics results, written by the analytics worker (spooled like everything else)."""
+        result = self._write_durably(lines)
+        if result is not None and result.rejected:
+            self._dead_letter_lines(result.rejected)
 
     def _publish_letters(self, letters: list[tuple[str, bytes]]) -> None:
         """Publish dead letters and wait for the broker to have them before the batch is acked.

@@ -15,6 +15,8 @@ from cityflux.simulators.publisher import BulkPublisher, DeviceLinks
 from cityflux.simulators.recording import ReplayPlan, replay_batches
 from cityflux.simulators.simulation import Simulation
 
+WILL_SETTLE_S = 0.1  # a dropped connection's will is out well within this on one host
+
 
 class SimClock:
     """Maps simulated time to wall time: ``speed`` x real time, or ``inf`` for no waiting."""
@@ -86,8 +88,14 @@ def run_simulation(
         for tick in sim.ticks():
             clock.wait_until(tick.sim_s, stop)
             sim_now = min(tick.sim_s, sim.end_s)
-            for number in tick.disconnect:
-                links.drop(number)
+            if tick.disconnect:
+                # Keep event order across connections: the broker must have every earlier
+                # reading before a will fires, and the will before any later reading (at full
+                # speed the simulator runs minutes ahead of what the broker has processed).
+                publisher.flush()
+                for number in tick.disconnect:
+                    links.drop(number)
+                time.sleep(WILL_SETTLE_S)
             for number in tick.reconnect:
                 links.connect(number, sim.devices.status_topic(number), sim.birth_payload(sim_now))
             publisher.publish(tick.messages)
