@@ -62,12 +62,12 @@ def in_process(devices: int, minutes: int, tmp: Path) -> tuple[int, float, float
     batches = []
     topics: list[str] = []
     payloads: list[bytes] = []
-    for tick in sim.ticks():
-        for topic, payload, _ in tick.messages:
+    for tick in [*sim.ticks(), None]:  # None: the end, cut the last batch
+        for topic, payload, _ in tick.messages if tick else []:
             if "/traffic/" in topic:
                 topics.append(topic)
                 payloads.append(payload)
-        if len(topics) >= 10_000 or (tick.sim_s == math.inf and topics):
+        if len(topics) >= 10_000 or (tick is None and topics):
             now = time.time_ns()
             columns = decoder.decode(topics, payloads, now).columns["traffic"]
             batches.append(validate(columns, config.ingest, now)[0])
@@ -174,6 +174,8 @@ def _measure(config, city, scenario, speed, probes, process) -> dict[str, float]
         time.sleep(0.1)
     _, errors = loader.communicate(timeout=120)  # the load ends by itself
     rate = _load_rate(errors.decode(errors="replace"))
+    if loader.returncode != 0 or math.isnan(rate):
+        raise RuntimeError(f"the load generator failed:\n{errors.decode(errors='replace')[-2000:]}")
     prober.loop_stop()
     listener.loop_stop()
     latencies = np.array([received[k] - sent[k] for k in sent if k in received]) * 1000
@@ -191,7 +193,7 @@ def _measure(config, city, scenario, speed, probes, process) -> dict[str, float]
 
 def _load_rate(progress: str) -> float:
     """The simulator's rate, from its summary ("wall time  S s (R msg/s)")."""
-    rates = re.findall(r"\(([\d,]+) msg/s\)", progress)
+    rates = re.findall(r"\(([\d,]+)\s+msg/s\)", progress)
     return float(rates[-1].replace(",", "")) if rates else float("nan")
 
 

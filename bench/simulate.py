@@ -50,7 +50,7 @@ def write_recording(sim: Simulation, path: Path, lines: Path) -> int:
     with lines.open("wb") as text:
         ticks = [sim.births(), *sim.ticks()]
         for tick in ticks:
-            at_ns = round(tick.sim_s * 1e9) if math.isfinite(tick.sim_s) else round(sim.end_s * 1e9)
+            at_ns = round(tick.sim_s * 1e9)
             for topic, payload, retain in tick.messages:
                 writer.write(at_ns, topic, payload, retain)
                 text.write(payload.replace(b"\n", b" ") + b"\n")

@@ -32,7 +32,7 @@ class SimClock:
         return self.wall_start + (sim_s - self.start_s) / self.speed
 
     def wait_until(self, sim_s: float, stop: threading.Event | None = None) -> None:
-        if math.isinf(self.speed):
+        if math.isinf(self.speed) or not math.isfinite(sim_s):
             return
         delay = self.wall_for(sim_s) - time.monotonic()
         if delay > 0:

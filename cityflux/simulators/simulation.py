@@ -338,7 +338,9 @@ class Simulation:
         self.end_s = min(self.end_s, at_s)
         self.truth.end_ms = round(self.end_s * 1000)
         self._close_truth()
-        return self._flush_held(float("inf"))
+        tick = self._flush_held(float("inf"))  # release everything still held ...
+        tick.sim_s = self.end_s  # ... at the end of the run
+        return tick
 
     def _tick(self, t: float) -> Tick:
         tick = Tick(t)

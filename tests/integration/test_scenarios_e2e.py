@@ -63,3 +63,14 @@ def test_array_payloads_from_gateways_land_exactly(config: Config, db: InfluxWri
     readings = sum(sim.expected.readings.values())
     births = sim.expected.points["device_status"]
     assert summary.messages - births < readings / 4  # readings really went in arrays
+
+
+def test_a_paced_run_keeps_to_its_clock_and_finishes(config: Config, db: InfluxWriter) -> None:
+    scenario = load_scenario("haze", {"clock.duration_s": 300.0})
+    sim = Simulation(scenario, scenario.start_epoch_s(time.time(), 150.0))
+    with running(Pipeline(config)):
+        summary = run_simulation(sim, config.mqtt, 150.0)  # 300 simulated s in about 2 s
+        expected = {m: sim.expected.points.get(m, 0) for m in COUNTED_FIELD}
+        wait_for(lambda: stored(db) == expected, timeout=60, what=f"{expected} in InfluxDB")
+    assert summary.completed
+    assert 1.8 <= summary.wall_s <= 4.0

@@ -4,7 +4,6 @@ around the stop are delivered twice."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from cityflux.analytics.engine import AnalyticsEngine
@@ -24,16 +23,25 @@ def batches(config: Config) -> tuple[Simulation, list[dict[str, Columns]]]:
     )
     sim = Simulation(scenario, START)
     decoder = BatchDecoder(config.ingest, config.mqtt.topic_root)
-    out, topics, payloads = [], [], []
+    out: list[dict[str, Columns]] = []
+    topics: list[str] = []
+    payloads: list[bytes] = []
+    now = round((START + 7_200) * 1e9)
+
+    def cut() -> None:
+        decoded = decoder.decode(topics, payloads, now)
+        out.append({k: validate(c, config.ingest, now)[0] for k, c in decoded.columns.items()})
+        topics.clear()
+        payloads.clear()
+
     for tick in sim.ticks():
         for topic, payload, _ in tick.messages:
             topics.append(topic)
             payloads.append(payload)
-        if len(topics) >= 3_000 or (tick.sim_s == math.inf and topics):
-            now = round((START + 7_200) * 1e9)
-            decoded = decoder.decode(topics, payloads, now)
-            out.append({k: validate(c, config.ingest, now)[0] for k, c in decoded.columns.items()})
-            topics, payloads = [], []
+        if len(topics) >= 3_000:
+            cut()
+    if topics:
+        cut()
     return sim, out
 
 
