@@ -31,6 +31,8 @@ from cityflux.store.sink import DurableSink, RejectedLines
 from cityflux.store.spool import Spool
 
 log = logging.getLogger(__name__)
+DERIVED_SLICE = 10_000  # lines per write of analytics results
+DERIVED_PAUSE_S = 0.01
 SPOOL_FULL_PAUSE_S = 0.5
 DEADLETTER_CONFIRM_S = 5.0
 
@@ -236,10 +238,15 @@ class Pipeline:
             return result
 
     def _write_derived(self, lines: list[str]) -> None:
-        """Analytics results, written by the analytics worker (spooled like everything else)."""
-        result = self._write_durably(lines)
-        if result is not None and result.rejected:
-            self._dead_letter_lines(result.rejected)
+        """Analytics results, written by the analytics worker (spooled like everything else),
+        in slices with a breath between them: one 100,000-line request would hold the
+        database (and, on a small host, the CPU) while readings and alerts wait."""
+        for start in range(0, len(lines), DERIVED_SLICE):
+            result = self._write_durably(lines[start : start + DERIVED_SLICE])
+            if result is not None and result.rejected:
+                self._dead_letter_lines(result.rejected)
+            if start + DERIVED_SLICE < len(lines):
+                self.stopping.wait(DERIVED_PAUSE_S)
 
     def _publish_letters(self, letters: list[tuple[str, bytes]]) -> None:
         """Publish dead letters and wait for the broker to have them before the batch is acked.

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cityflux.config import MqttConfig
-from cityflux.simulators.publisher import BulkPublisher, DeviceLinks
+from cityflux.simulators.publisher import BulkPublisher, DeviceLinks, Message
 from cityflux.simulators.recording import ReplayPlan, replay_batches
 from cityflux.simulators.simulation import Simulation
 
+SPREAD_CHUNKS = 20  # a paced step is published in up to this many slices
 WILL_SETTLE_S = 0.1  # a dropped connection's will is out well within this on one host
 
 
@@ -40,6 +41,26 @@ class SimClock:
                 stop.wait(delay)
             else:
                 time.sleep(delay)
+
+    def spread(
+        self,
+        messages: list[Message],
+        sim_s: float,
+        step_s: float,
+        publish: Callable[[list[Message]], None],
+        stop: threading.Event,
+    ) -> None:
+        """Publish a step's messages spread over the step's wall time, as devices reporting
+        at their own moments would, instead of one burst per step (bursts queue behind each
+        other at the broker and the consumer). As fast as possible: one burst."""
+        chunks = max(1, min(SPREAD_CHUNKS, len(messages) // 50))
+        if math.isinf(self.speed) or chunks == 1:
+            publish(messages)
+            return
+        size = -(-len(messages) // chunks)
+        for k in range(chunks):
+            self.wait_until(sim_s + step_s * k / chunks, stop)
+            publish(messages[k * size : (k + 1) * size])
 
 
 def parse_speed(text: str) -> float:
@@ -98,7 +119,7 @@ def run_simulation(
                 time.sleep(WILL_SETTLE_S)
             for number in tick.reconnect:
                 links.connect(number, sim.devices.status_topic(number), sim.birth_payload(sim_now))
-            publisher.publish(tick.messages)
+            clock.spread(tick.messages, sim_now, sim.step_s, publisher.publish, stop)
             if on_progress is not None:
                 on_progress(sim_now, publisher.published)
             if stop.is_set():  # what was counted for this tick has been published
