@@ -92,6 +92,11 @@ class Metrics:
         self.deadletters_published = Counter(
             "cityflux_deadletters_published", "dead letters published to MQTT", registry=registry
         )
+        self.analytics_errors = Counter(
+            "cityflux_analytics_errors",
+            "batches the analytics failed on (ingest went on; see the log)",
+            registry=registry,
+        )
         for kind in KINDS:  # make every label visible at 0 from the start
             self.accepted.labels(kind)
         for reason in Reason:

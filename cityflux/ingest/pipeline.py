@@ -195,11 +195,7 @@ class Pipeline:
             if len(good):
                 newest = max(newest, int(good.ts_ns.max()))
         if self.analytics is not None:
-            if decoded.ignored:
-                outcome.lines += self.analytics.acknowledgements(batch.topics, batch.payloads)
-            lines, late = self.analytics.process(accepted)
-            outcome.lines += lines
-            rejections += late
+            outcome.lines += self._analyse(batch, accepted, rejections, decoded.ignored)
         if newest:
             self.metrics.event_lag_seconds.set((now_ns - newest) / 1e9)
         # dead letters in the order their messages arrived
@@ -207,6 +203,26 @@ class Pipeline:
         for offset, rejection in enumerate(rejections):
             self._reject(batch, rejection, now_ns, offset, outcome)
         return outcome
+
+    def _analyse(
+        self,
+        batch: MessageBatch,
+        accepted: dict[str, Columns],
+        rejections: list[Rejection],
+        ignored: int,
+    ) -> list[str]:
+        """Analytics on the validated batch. A failure there is logged and counted, never
+        allowed to stop ingest: the readings are stored whatever the analytics make of them."""
+        assert self.analytics is not None
+        try:
+            lines = self.analytics.acknowledgements(batch.topics, batch.payloads) if ignored else []
+            derived, late = self.analytics.process(accepted)
+        except Exception:
+            log.exception("analytics failed on a batch of %d messages", len(batch))
+            self.metrics.analytics_errors.inc()
+            return []
+        rejections += late
+        return lines + derived
 
     def _reject(
         self,

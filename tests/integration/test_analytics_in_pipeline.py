@@ -1,5 +1,6 @@
-"""A reading later than the allowed lateness is stored but not used by the analytics: it is
-counted and dead-lettered as too_late, with its address."""
+"""The analytics inside the pipeline: a reading later than the allowed lateness is stored but
+not used (counted and dead-lettered as too_late, with its address); an analytics failure is
+counted and logged, and ingest goes on."""
 
 from __future__ import annotations
 
@@ -35,3 +36,25 @@ def test_too_late_is_stored_counted_and_dead_lettered(config: Config, db: Influx
     assert letter["reason"] == "too_late"
     assert letter["topic"] == POLE and letter["reading"] == 0
     assert "stored, but not in the indices" in letter["message"]
+
+
+def test_an_analytics_failure_never_stops_ingest(config: Config, db: InfluxWriter) -> None:
+    pipeline = Pipeline(config)
+    assert pipeline.analytics is not None
+
+    def broken(columns: object) -> tuple[list[str], list[object]]:
+        raise RuntimeError("a bug in the analytics")
+
+    pipeline.analytics.process = broken  # type: ignore[assignment,method-assign]
+    with running(pipeline):
+        reading = {"ts": time.time_ns() // 1_000_000, "noise_dba": 55.0}
+        mosquitto_pub(config.mqtt.port, POLE, msgspec.json.encode(reading))
+        wait_for(lambda: count_points(db, "pole", "noise_dba") == 1, what="the reading stored")
+        wait_for(
+            lambda: (
+                pipeline.metrics.value("messages_acked_total")
+                == pipeline.metrics.value("messages_received_total")
+            ),
+            what="everything acknowledged",
+        )
+        assert pipeline.metrics.value("analytics_errors_total") == 1
