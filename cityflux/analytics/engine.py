@@ -474,12 +474,14 @@ class AnalyticsEngine:
         return alert, [alert_line(alert, time.time_ns())] if alert else []
 
     # -- checkpoints ---------------------------------------------------------------------
-    def recovery_since_ns(self) -> int | None:
+    def recovery_since_ns(self, now_ns: int | None = None) -> int:
         """Event time from which raw readings must be re-read after a restart: the oldest
-        pane that may still change (None before any data)."""
+        pane that may still change. Without a checkpoint (a first start, or killed before
+        the first one) the watermark is taken from the wall clock, as for live data."""
+        watermark = self.watermark.value_ns
         if not self.watermark.newest_ns:
-            return None
-        horizon = self.watermark.value_ns - self.traffic.lateness_ns
+            watermark = (now_ns or time.time_ns()) - self.watermark.delay_ns
+        horizon = watermark - self.traffic.lateness_ns
         oldest = min(horizon - self.traffic.pane_ns, horizon - self.poles.pane_ns)
         return max(oldest, 0)
 

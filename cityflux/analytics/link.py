@@ -104,8 +104,6 @@ class AnalyticsLink:
         checkpoint; the panes de-duplicate, so re-reading what the checkpoint has is harmless.
         """
         since = self.engine.recovery_since_ns()
-        if since is None:
-            return 0
         total = 0
         for kind, (field_tag, names) in RECOVER_MEASUREMENTS.items():
             try:
