@@ -103,6 +103,12 @@ class AnalyticsLink:
         Messages acknowledged after the last checkpoint are durable in InfluxDB but not in the
         checkpoint; the panes de-duplicate, so re-reading what the checkpoint has is harmless.
         """
+        if writer.config.api != "v1":
+            log.warning(
+                "analytics recovery reads InfluxQL (/query), which the v2 API does not offer: "
+                "windows open at a crash are completed only from the checkpoint"
+            )
+            return 0
         since = self.engine.recovery_since_ns()
         total = 0
         for kind, (field_tag, names) in RECOVER_MEASUREMENTS.items():
@@ -139,6 +145,9 @@ def _columns(kind: str, field_tag: str, names: tuple[str, ...], result: Any) -> 
         return None
     columns, values = series[0]["columns"], series[0]["values"]
     at = {name: i for i, name in enumerate(columns)}
+    if not {"time", "district", "device_id", field_tag or "time"} <= set(at):
+        log.warning("analytics recovery: %s has no %s columns; skipped", kind, sorted(at))
+        return None
     n = len(values)
 
     def column(name: str, dtype: Any) -> Any:
