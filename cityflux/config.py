@@ -138,6 +138,7 @@ class AnalyticsConfig(Base, frozen=True):
     rules_file: str | None = None  # None: cityflux/analytics/rules.toml
     aqi_table: Literal["HJ633-2012", "HJ633-2026"] = "HJ633-2012"
     lamp_power_tolerance: float = 0.25  # share of rated power
+    stuck_intervals: int = 5  # a station's speed repeating exactly this often: sensor stuck
     california: dict[str, CaliforniaConfig] = {}  # per road class; missing: the defaults
 
 

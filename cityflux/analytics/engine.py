@@ -114,6 +114,8 @@ class AnalyticsEngine:
         self._last_checkpoint = time.monotonic()
         self._newest_before = _newest_before([], 0)
         self._series: dict[str, Array] = {}
+        self._stuck_count = np.zeros(len(self.city.detectors), dtype=np.int64)
+        self._last_station_speed = np.full(len(self.city.detectors), np.nan)
         self.latest: tuple[int, LinkIndices, Rollup] | None = None
         self.latest_end = 0
         self._checkpoint_path = Path(config.checkpoint_dir) / "windows.npz"
@@ -318,6 +320,18 @@ class AnalyticsEngine:
         links = link_indices(self.model, self.station_parts[start])
         self.counts["traffic_windows"] += 1
         districts = rollup(self.model, links)
+        if first:  # the stuck-sensor count advances once per interval, in order
+            self._count_repeats(self.station_parts[start])
+        faulty = self._stuck_count >= self.config.stuck_intervals
+        if faulty.any():  # their counts stay; their speeds are not trusted
+            parts = dict(self.station_parts[start])
+            parts["speed_vehicles"] = np.where(faulty, 0.0, parts["speed_vehicles"])
+            parts["inverse_speed"] = np.where(faulty, 0.0, parts["inverse_speed"])
+            self.station_parts[start] = parts
+            links = link_indices(self.model, parts)
+            districts = rollup(self.model, links)
+        if first:
+            self._observe_stations(end, out)
         if end >= self.latest_end:  # for live views (the demo): replaced whole, never mutated
             self.latest = (end, links, districts)
             self.latest_end = end
@@ -346,6 +360,23 @@ class AnalyticsEngine:
         if cached is None:
             cached = self._series[key] = np.array(series_prefixes(measurement, tags), dtype=object)
         return cached
+
+    def _count_repeats(self, parts: dict[str, Array]) -> None:
+        """Per station, how many intervals in a row its mean speed repeated exactly with
+        vehicles passing: ``stuck_intervals`` of them is a frozen sensor (spot-speed noise
+        never repeats to the bit)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            speed = parts["speed_vehicles"] / parts["inverse_speed"]
+        same = (speed == self._last_station_speed) & (parts["speed_vehicles"] > 0)
+        self._stuck_count = np.where(same, self._stuck_count + 1, 0)
+        self._last_station_speed = speed
+
+    def _observe_stations(self, end: int, out: Output) -> None:
+        m = self.model
+        self._observe(out, Observation(
+            "station", end, m.detector_ids, m.link_district_id[m.detector_link],
+            {"stuck_intervals": self._stuck_count.astype(np.float64)},
+        ))  # fmt: skip
 
     def _segment_lines(self, links: LinkIndices, window: str, end: int) -> list[str]:
         m = self.model
@@ -502,6 +533,8 @@ class AnalyticsEngine:
             "last_seen": self.last_seen,
             "manhole_level": self.manholes.last_level,
             "manhole_ts": self.manholes.last_ts,
+            "stuck_count": self._stuck_count,
+            "last_station_speed": self._last_station_speed,
         }
         arrays |= self.traffic.state("traffic") | self.poles.state("poles")
         for name, store in (("station", self.station_parts), ("pole", self.pole_parts)):
@@ -533,6 +566,8 @@ class AnalyticsEngine:
             arrays["manhole_level"],
             arrays["manhole_ts"],
         )
+        self._stuck_count = arrays["stuck_count"]
+        self._last_station_speed = arrays["last_station_speed"]
         self.traffic.restore("traffic", arrays)
         self.poles.restore("poles", arrays)
         for name, store in (("station", self.station_parts), ("pole", self.pole_parts)):

@@ -25,6 +25,7 @@ GRACE_S: Final = 900.0  # an alert up to 15 minutes after the episode ended stil
 class Detector:
     rules: tuple[str, ...]
     by: str  # "entity", "entity_prefix" (alert entity "<segment>:<station>"), or "district"
+    device_kind: str = ""  # only events of devices of this kind (details["device_kind"])
 
 
 DETECTORS: Final[dict[str, Detector]] = {
@@ -37,6 +38,8 @@ DETECTORS: Final[dict[str, Detector]] = {
     "lamp_fault": Detector(("lamp_fault",), "entity"),
     "cover_open": Detector(("manhole_cover_open",), "entity"),
     "gas": Detector(("manhole_gas_ch4", "manhole_gas_h2s"), "entity"),
+    # stuck traffic detectors (a stuck pole PM2.5 sensor has no detector yet)
+    "stuck": Detector(("detector_stuck",), "entity", device_kind="traffic"),
 }
 
 
@@ -80,7 +83,12 @@ def score(truth: GroundTruth, alerts: list[Alert]) -> list[Score]:
     end_ns = truth.end_ms * 1_000_000
     scores = []
     for event_type, detector in DETECTORS.items():
-        events = [e for e in truth.events if e.type == event_type]
+        events = [
+            e
+            for e in truth.events
+            if e.type == event_type
+            and (not detector.device_kind or e.details.get("device_kind") == detector.device_kind)
+        ]
         candidates = [a for a in alerts if a.rule in detector.rules]
         match = Matching(events, candidates)
         for i, event in enumerate(events):

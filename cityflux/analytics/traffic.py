@@ -104,8 +104,11 @@ def link_indices(model: CityModel, stations: dict[str, Array]) -> LinkIndices:
     link_of = model.detector_link
     veh = np.bincount(link_of, weights=stations["speed_vehicles"], minlength=links)
     inv = np.bincount(link_of, weights=stations["inverse_speed"], minlength=links)
+    counted = np.bincount(link_of, weights=stations["vehicles"], minlength=links)
     has_data = n_stations > 0
-    speed = np.where(inv > 0, veh / np.maximum(inv, 1e-12), model.link_free_flow)
+    # vehicles but no usable speed (none measured, or a faulty station's excluded): unknown
+    unknown = np.where(counted > 0, np.nan, model.link_free_flow)
+    speed = np.where(inv > 0, veh / np.maximum(inv, 1e-12), unknown)
     speed = np.where(has_data, np.minimum(speed, model.link_free_flow * 1.2), np.nan)
     speed, occupancy, flow, imputed = _impute(model, speed, occupancy, flow, has_data)
     return _derived(model, flow, occupancy, speed, imputed, has_data)
@@ -114,18 +117,24 @@ def link_indices(model: CityModel, stations: dict[str, Array]) -> LinkIndices:
 def _impute(
     model: CityModel, speed: Array, occupancy: Array, flow: Array, has_data: Array
 ) -> tuple[Array, Array, Array, Array]:
-    """Links without data take the mean of their neighbours that have data (one hop)."""
+    """Links without data (and links whose speed is unknown) take the mean of their
+    neighbours that have it (one hop); the returned mask says which speeds were imputed."""
     neighbours = np.stack([model.link_upstream, model.link_downstream], axis=1)
-    valid = (neighbours >= 0) & has_data[np.maximum(neighbours, 0)]
-    usable = ~has_data & valid.any(axis=1)
+    exists = neighbours >= 0
+    at = np.maximum(neighbours, 0)
 
-    def fill(values: Array) -> Array:
-        taken = np.where(valid, values[np.maximum(neighbours, 0)], 0.0)
+    def fill(values: Array, need: Array) -> tuple[Array, Array]:
+        valid = exists & ~np.isnan(values[at])
+        usable = need & valid.any(axis=1)
+        taken = np.where(valid, values[at], 0.0)
         mean = taken.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
         filled: Array = np.where(usable, mean, values)
-        return filled
+        return filled, usable
 
-    return fill(speed), fill(occupancy), fill(flow), usable
+    speed, imputed = fill(speed, np.isnan(speed))
+    occupancy, _ = fill(occupancy, ~has_data)
+    flow, _ = fill(flow, ~has_data)
+    return speed, occupancy, flow, imputed
 
 
 def _derived(

@@ -91,6 +91,8 @@ def test_device_failure_raises_the_deadman_alerts(config: Config, tmp_path: Path
                  if not spans.get(a["entity"]) or not spans[a["entity"]][0] - 60
                  <= a["started_ns"] / 1e9 <= spans[a["entity"]][1] + 900]  # fmt: skip
     assert score["recall"] == 1.0 and score["precision"] == 1.0, unmatched
+    stuck = scores(figures)["stuck"]  # frozen detector speeds found and excluded
+    assert stuck["recall"] == 1.0 and stuck["precision"] == 1.0
     # the will arrives at once; its time is the newest reading before it, which the
     # scenario's clock-skewed devices (+90 s) can put ahead
     assert score["max_time_to_detect_s"] <= 120
