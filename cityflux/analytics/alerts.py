@@ -158,23 +158,33 @@ class AlertStore:
         """Insert new alerts (id 0: assigned here) and update known ones, in one transaction.
         Acknowledgement is never written here: only :meth:`acknowledge` sets it, so an ack from
         the CLI is not undone by a running engine."""
-        with self.db:
-            for alert in alerts:
-                if alert.id:
-                    self.db.execute(
-                        "UPDATE alerts SET state=?, flapping=?, value=?, message=?, updated_ns=?,"
-                        " cleared_ns=?, count=? WHERE id=?",
-                        (alert.state, alert.flapping, alert.value, alert.message,
-                         alert.updated_ns, alert.cleared_ns, alert.count, alert.id),
-                    )  # fmt: skip
-                else:
-                    values = msgspec.structs.astuple(alert)[1:]
-                    cursor = self.db.execute(
-                        f"INSERT INTO alerts ({', '.join(self.COLUMNS[1:])}) VALUES "
-                        f"({', '.join('?' * len(values))})",
-                        values,
-                    )
-                    alert.id = int(cursor.lastrowid or 0)
+        if not alerts:
+            return
+        self.db.execute("BEGIN")  # isolation_level=None: transactions are explicit
+        try:
+            self._save(alerts)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _save(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            if alert.id:
+                self.db.execute(
+                    "UPDATE alerts SET state=?, flapping=?, value=?, message=?, updated_ns=?,"
+                    " cleared_ns=?, count=? WHERE id=?",
+                    (alert.state, alert.flapping, alert.value, alert.message,
+                     alert.updated_ns, alert.cleared_ns, alert.count, alert.id),
+                )  # fmt: skip
+            else:
+                values = msgspec.structs.astuple(alert)[1:]
+                cursor = self.db.execute(
+                    f"INSERT INTO alerts ({', '.join(self.COLUMNS[1:])}) VALUES "
+                    f"({', '.join('?' * len(values))})",
+                    values,
+                )
+                alert.id = int(cursor.lastrowid or 0)
 
     def acknowledge(self, alert_id: int, by: str) -> Alert | None:
         with self.db:

@@ -114,6 +114,8 @@ class AnalyticsEngine:
         self._last_checkpoint = time.monotonic()
         self._newest_before = _newest_before([], 0)
         self._series: dict[str, Array] = {}
+        self._silence_minute = 0
+        self._poles_forced_ns = 0
         self._stuck_count = np.zeros(len(self.city.detectors), dtype=np.int64)
         self._last_station_speed = np.full(len(self.city.detectors), np.nan)
         self.latest: tuple[int, LinkIndices, Rollup] | None = None
@@ -146,14 +148,18 @@ class AnalyticsEngine:
             self._wake.wait(0.5)
             self._wake.clear()
             out = Output()
-            with self._emit_lock:
-                self._emit(out)
-                self._maybe_checkpoint()
-            if out.lines and self._deliver is not None:
-                self._deliver(out.lines)
-            elif out.lines:
-                with self._pending_lock:
-                    self._pending.lines += out.lines
+            try:
+                with self._emit_lock:
+                    self._emit(out)
+                    self._maybe_checkpoint()
+                if out.lines and self._deliver is not None:
+                    self._deliver(out.lines)
+                elif out.lines:
+                    with self._pending_lock:
+                        self._pending.lines += out.lines
+            except Exception:  # a bad window must not stop every later one
+                log.exception("analytics worker: computing windows failed")
+                self.counts["worker_errors"] += 1
 
     def take_pending(self) -> list[str]:
         """Lines the worker produced since the last call (windows and their alerts)."""
@@ -279,10 +285,15 @@ class AnalyticsEngine:
     def flush(self, out: Output | None = None) -> Output:
         """Treat every reading seen so far as on time and complete: emit all open windows."""
         out = out or Output()
-        pane = max(self.traffic.pane_ns, self.poles.pane_ns)
         with self._emit_lock:
             with self._panes_lock:
-                self.watermark.forced_ns = ((self.watermark.newest_ns // pane) + 1) * pane
+                # each buffer to the end of its own pane holding the newest reading: only a
+                # minute ahead for traffic, so readings resuming after a lull are not late
+                newest = self.watermark.newest_ns
+                self.watermark.forced_ns = (
+                    newest // self.traffic.pane_ns + 1
+                ) * self.traffic.pane_ns
+                self._poles_forced_ns = (newest // self.poles.pane_ns + 1) * self.poles.pane_ns
             self._emit(out)
         out.lines += self.take_pending()
         return out
@@ -298,15 +309,20 @@ class AnalyticsEngine:
             watermark = self.watermark.value_ns
             traffic = [(p.start_ns, list(p.chunks), not p.emitted)
                        for p in self.traffic.due(watermark)]  # fmt: skip
-            poles = [(p.start_ns, list(p.chunks)) for p in self.poles.due(watermark)]
-            for pane in [*self.traffic.due(watermark), *self.poles.due(watermark)]:
+            poles_watermark = max(watermark, self._poles_forced_ns)
+            poles = [(p.start_ns, list(p.chunks)) for p in self.poles.due(poles_watermark)]
+            for pane in [*self.traffic.due(watermark), *self.poles.due(poles_watermark)]:
                 pane.emitted, pane.dirty = True, False
-            for buffer in (self.traffic, self.poles):
-                buffer.expire(watermark)
+            self.traffic.expire(watermark)
+            self.poles.expire(poles_watermark)
         for start, chunks, first in traffic:
             self._traffic_pane(start, Pane.dedup(chunks), first, out)
         for start, chunks in poles:
             self._pole_pane(start, Pane.dedup(chunks), out)
+        minute = self.watermark.observed_ns // (60 * NS)
+        if minute > self._silence_minute and self.watermark.newest_ns:  # deadman, any data
+            self._silence_minute = minute
+            self._observe_silence(minute * 60 * NS, out)
         keep_traffic = self.traffic.pane_ns * (self.config.sliding_panes + 1)
         keep_env = round(self.config.env_window_s * NS) + self.poles.pane_ns
         _forget(self.station_parts, watermark - keep_traffic - self.traffic.lateness_ns)
@@ -343,15 +359,15 @@ class AnalyticsEngine:
         sliding = link_indices(self.model, add_partials(window))
         out.lines += self._segment_lines(sliding, "5m", end)
         out.lines += self._district_lines(rollup(self.model, sliding), "5m", end)
-        self._observe_segments(links, districts, end, out)
-        if first:  # California runs once per interval, in order; late updates do not re-run it
+        if first:  # rules see each interval once, in order; late updates only rewrite points
+            self._observe_segments(links, districts, end, out)
+            # California runs once per interval too
             parts = self.station_parts[start]
             with np.errstate(invalid="ignore", divide="ignore"):
                 occupancy = np.where(
                     parts["rows"] > 0, parts["occupancy_sum"] / parts["rows"], np.nan
                 )
             self._observe_incidents(self.california.step(occupancy), occupancy, end, out)
-            self._observe_silence(end, out)
 
     def _prefixes(self, key: str, measurement: str, tags: dict[str, list[str]]) -> Array:
         """Series prefixes of a table whose rows are fixed entities (links, poles, districts):
@@ -566,8 +582,8 @@ class AnalyticsEngine:
             arrays["manhole_level"],
             arrays["manhole_ts"],
         )
-        self._stuck_count = arrays["stuck_count"]
-        self._last_station_speed = arrays["last_station_speed"]
+        self._stuck_count = arrays.get("stuck_count", self._stuck_count)
+        self._last_station_speed = arrays.get("last_station_speed", self._last_station_speed)
         self.traffic.restore("traffic", arrays)
         self.poles.restore("poles", arrays)
         for name, store in (("station", self.station_parts), ("pole", self.pole_parts)):

@@ -110,17 +110,19 @@ class AnalyticsLink:
             )
             return 0
         since = self.engine.recovery_since_ns()
-        total = 0
+        recovered: dict[str, Columns] = {}
         for kind, (field_tag, names) in RECOVER_MEASUREMENTS.items():
             try:
                 result = writer.query(f'SELECT * FROM "{kind}" WHERE time >= {since}')
             except StoreError as exc:
                 log.warning("analytics recovery: %s", exc)
-                return total
+                return 0
             columns = _columns(kind, field_tag, names, result)
             if columns is not None:
-                total += len(columns)
-                self.process({kind: columns})
+                recovered[kind] = columns
+        if recovered:  # one arrival: every kind judged against the same watermark
+            self.process(recovered)
+        total = sum(len(c) for c in recovered.values())
         log.info("analytics recovery re-read %d readings from InfluxDB", total)
         return total
 

@@ -13,7 +13,9 @@ real last will, closed abruptly when their outage starts so that the broker publ
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -65,6 +67,7 @@ class BulkPublisher:
         self._cond = threading.Condition()
         self._error: str | None = None
         self._last_sent = time.monotonic()
+        self._send_lock = threading.Lock()
         self._sock = self._connect(will)
         self._reader = threading.Thread(target=self._read_acks, name="mqtt-pub", daemon=True)
         self._reader.start()
@@ -93,7 +96,7 @@ class BulkPublisher:
                 if code:
                     raise IngestError(f"{self.config.url} refused {self.client_id}: code {code}")
                 self._pending_reader = reader
-                sock.settimeout(1.0)
+                sock.settimeout(None)  # sends block until done; the reader polls with select
                 return sock
 
     @property
@@ -106,8 +109,7 @@ class BulkPublisher:
         while start < len(messages):
             room = self._wait_for_room(len(messages) - start)
             chunk = messages[start : start + room]
-            self._sock.sendall(b"".join(self._packets(chunk)))
-            self._last_sent = time.monotonic()
+            self._send(b"".join(self._packets(chunk)))
             start += len(chunk)
 
     def _packets(self, chunk: Sequence[Message]) -> list[bytes]:
@@ -133,10 +135,17 @@ class BulkPublisher:
                 self._ping_if_idle()
             return min(wanted, self.max_inflight - self.inflight)
 
-    def _ping_if_idle(self) -> None:
-        if time.monotonic() - self._last_sent > self.config.keepalive_s / 2:
-            self._sock.sendall(PINGREQ_PACKET)
+    def _send(self, data: bytes) -> None:
+        with self._send_lock:  # the reader thread pings on the same socket
+            self._sock.sendall(data)
             self._last_sent = time.monotonic()
+
+    def _ping_if_idle(self) -> None:
+        """Keep an idle connection alive: a device link waits for its outage, maybe for hours,
+        and a broker drops a silent client after 1.5 x keepalive (its will would fire)."""
+        if time.monotonic() - self._last_sent > self.config.keepalive_s / 2:
+            with contextlib.suppress(OSError):
+                self._send(PINGREQ_PACKET)
 
     def flush(self, timeout_s: float = 60.0) -> None:
         """Wait until the broker acknowledged everything published."""
@@ -157,10 +166,12 @@ class BulkPublisher:
         reader = self._pending_reader
         while True:
             try:
+                pending = isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()
+                if not pending and not select.select([self._sock], [], [], 1.0)[0]:
+                    self._ping_if_idle()
+                    continue
                 data = self._sock.recv(65_536)
-            except TimeoutError:
-                continue
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: select on a closed socket
                 data, error = b"", str(exc)
             else:
                 error = "the broker closed the connection"

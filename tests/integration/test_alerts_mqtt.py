@@ -92,3 +92,29 @@ def test_cli_lists_and_acknowledges(config: Config, tmp_path: Path) -> None:
         cwd=ROOT, env=config_env(config), capture_output=True, timeout=60, check=False,
     )  # fmt: skip
     assert missing.returncode == 1 and b"no alert 999" in missing.stdout + missing.stderr
+
+
+def test_an_idle_device_link_stays_connected_until_its_outage(broker: object) -> None:
+    """A simulated device waiting for its outage sends keepalive pings: its will must fire
+    when the outage starts, not when the broker gives up on a silent client."""
+    from cityflux.simulators.publisher import DeviceLinks
+
+    port = broker.port  # type: ignore[attr-defined]
+    mqtt = (
+        Config()
+        .with_overrides({"mqtt.url": f"mqtt://127.0.0.1:{port}", "mqtt.keepalive_s": 2})
+        .mqtt
+    )
+    status = "cityflux/v1/centre/pole/pole-9/status"
+    watcher = Subscriber(port, status)
+    links = DeviceLinks(mqtt, "keepalive-test")
+    try:
+        links.connect(9, status, b'{"state":"online"}')
+        time.sleep(5)  # 2.5 x keepalive without a message from the device
+        states = [m.get("state") for m in watcher.decoded()]
+        assert "offline" not in states
+        links.drop(9)
+        wait_for(lambda: "offline" in [m.get("state") for m in watcher.decoded()], what="will")
+    finally:
+        links.close()
+        watcher.close()
