@@ -549,6 +549,7 @@ class AnalyticsEngine:
             "last_seen": self.last_seen,
             "manhole_level": self.manholes.last_level,
             "manhole_ts": self.manholes.last_ts,
+            "manhole_rise": self.manholes.rise,
             "stuck_count": self._stuck_count,
             "last_station_speed": self._last_station_speed,
         }
@@ -582,6 +583,7 @@ class AnalyticsEngine:
             arrays["manhole_level"],
             arrays["manhole_ts"],
         )
+        self.manholes.rise = arrays.get("manhole_rise", self.manholes.rise)
         self._stuck_count = arrays.get("stuck_count", self._stuck_count)
         self._last_station_speed = arrays.get("last_station_speed", self._last_station_speed)
         self.traffic.restore("traffic", arrays)

@@ -137,17 +137,19 @@ class PaneBuffer:
         out: dict[str, Array] = {}
         for start, pane in self.panes.items():
             for key, column in pane.rows().items():
-                out[f"{prefix}|{start}|{int(pane.emitted)}|{key}"] = column
+                # flags: emitted, then dirty (late rows since the emission)
+                out[f"{prefix}|{start}|{int(pane.emitted)}{int(pane.dirty)}|{key}"] = column
         return out
 
     def restore(self, prefix: str, arrays: dict[str, Array]) -> None:
         for name, column in arrays.items():
             if not name.startswith(f"{prefix}|"):
                 continue
-            _, start, emitted, key = name.split("|")
+            _, start, flags, key = name.split("|")
             pane = self.panes.setdefault(int(start), Pane(int(start)))
             if not pane.chunks:
                 pane.chunks.append({})
             pane.chunks[0][key] = column
-            pane.emitted = emitted == "1"
-            pane.dirty = not pane.emitted
+            pane.emitted = flags[0] == "1"
+            # older checkpoints have one flag: an emitted pane was taken as clean
+            pane.dirty = flags[1] == "1" if len(flags) > 1 else not pane.emitted

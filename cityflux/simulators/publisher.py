@@ -170,7 +170,8 @@ class BulkPublisher:
                 if not pending and not select.select([self._sock], [], [], 1.0)[0]:
                     self._ping_if_idle()
                     continue
-                data = self._sock.recv(65_536)
+                with self._send_lock:  # one thread at a time on the socket (TLS needs it)
+                    data = self._sock.recv(65_536)
             except (OSError, ValueError) as exc:  # ValueError: select on a closed socket
                 data, error = b"", str(exc)
             else:

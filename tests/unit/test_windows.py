@@ -70,3 +70,21 @@ def test_restart_in_the_middle_of_a_window_loses_nothing(tmp_path: Path) -> None
     rows = restored.panes[0].rows()
     assert rows["entity"].tolist() == [1, 2, 3]  # nothing lost, the redelivery counted once
     assert rows["value"].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_a_late_update_pending_at_the_checkpoint_is_emitted_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    buffer, watermark = PaneBuffer(60, lateness_s=300), Watermark(delay_ns=0)
+    add(buffer, watermark, [1], [0.5], [1.0])
+    add(buffer, watermark, [1], [2.5], [1.0])
+    for pane in buffer.due(watermark.value_ns):
+        pane.emitted, pane.dirty = True, False
+    add(buffer, watermark, [2], [0.7], [5.0])  # late, within lateness: pane 0 must go again
+    path = tmp_path / "checkpoint.npz"
+    np.savez(path, **buffer.state("traffic"))
+    restored = PaneBuffer(60, lateness_s=300)
+    with np.load(path) as data:
+        restored.restore("traffic", {k: data[k] for k in data.files})
+    assert [p.start_ns for p in restored.due(watermark.value_ns)] == [0]
+    assert sorted(restored.panes[0].rows()["value"].tolist()) == [1.0, 5.0]
