@@ -60,10 +60,16 @@ class Pipeline:
         self.sink = DurableSink(self.writer, self.spool, self.metrics, self._dead_letter_lines)
         self.metrics_port = config.metrics.port + worker if config.metrics.port else 0
         self.server: MetricsServer | None = None
+        # A shared subscription deals messages round-robin, so with several workers no process
+        # sees all readings of a road: windows would be wrong. Until workers are partitioned by
+        # district, analytics run only with one worker (docs/analytics.md).
+        analytics = config.analytics.enabled and workers == 1
+        if config.analytics.enabled and workers > 1 and worker == 0:
+            log.warning(
+                "analytics are off with --workers %d: run them in a single-worker cityflux", workers
+            )
         self.analytics = (
-            AnalyticsLink(config, self.consumer, self._write_derived)
-            if config.analytics.enabled
-            else None
+            AnalyticsLink(config, self.consumer, self._write_derived) if analytics else None
         )
         self.stopping = threading.Event()
         self._next_health = 0.0

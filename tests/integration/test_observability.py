@@ -112,6 +112,8 @@ def test_workers_share_the_subscription(
     assert sum(per_worker) == n
     assert min(per_worker) > 0, per_worker  # both took a share
     assert supervisor.returncode == 0
+    # round-robin workers cannot window a road: analytics are off, and the log says so
+    assert "analytics are off with --workers 2" in (tmp_path / "workers.log").read_text()
 
 
 def _accepted(metrics_text: str) -> int:
