@@ -353,12 +353,12 @@ class AnalyticsEngine:
             self.latest_end = end
         out.lines += self._segment_lines(links, "1m", end)
         out.lines += self._district_lines(districts, "1m", end)
-        first_pane = start - (self.config.sliding_panes - 1) * self.traffic.pane_ns
-        starts = range(first_pane, end, self.traffic.pane_ns)
-        window = [self.station_parts[s] for s in starts if s in self.station_parts]
-        sliding = link_indices(self.model, add_partials(window))
-        out.lines += self._segment_lines(sliding, "5m", end)
-        out.lines += self._district_lines(rollup(self.model, sliding), "5m", end)
+        out.lines += self._sliding_lines(end)
+        if not first:  # a late update also changes the sliding windows emitted after this one
+            step = self.traffic.pane_ns
+            for later_end in range(end + step, end + self.config.sliding_panes * step, step):
+                if later_end - step in self.station_parts:
+                    out.lines += self._sliding_lines(later_end)
         if first:  # rules see each interval once, in order; late updates only rewrite points
             self._observe_segments(links, districts, end, out)
             # California runs once per interval too
@@ -376,6 +376,16 @@ class AnalyticsEngine:
         if cached is None:
             cached = self._series[key] = np.array(series_prefixes(measurement, tags), dtype=object)
         return cached
+
+    def _sliding_lines(self, end: int) -> list[str]:
+        """The sliding window ending at ``end``: the last ``sliding_panes`` panes' partials."""
+        step = self.traffic.pane_ns
+        starts = range(end - self.config.sliding_panes * step, end, step)
+        window = [self.station_parts[s] for s in starts if s in self.station_parts]
+        sliding = link_indices(self.model, add_partials(window))
+        return self._segment_lines(sliding, "5m", end) + self._district_lines(
+            rollup(self.model, sliding), "5m", end
+        )
 
     def _count_repeats(self, parts: dict[str, Array]) -> None:
         """Per station, how many intervals in a row its mean speed repeated exactly with

@@ -62,3 +62,39 @@ def test_a_checkpoint_from_an_older_version_still_loads(tmp_path: Path) -> None:
     again = AnalyticsEngine(config.analytics)
     assert again.watermark.newest_ns == T0_MS * 1_000_000
     again.close()
+
+
+def traffic(config: Config, readings: list[tuple[str, int, int]]) -> dict[str, Columns]:
+    """Detector readings (device, ts ms, vehicles per lane) through decoder and validator."""
+    decoder = BatchDecoder(config.ingest, config.mqtt.topic_root)
+    topics = [f"cityflux/v1/centre/traffic/{device}" for device, _, _ in readings]
+    payloads = [
+        msgspec.json.encode({"ts": ts, "interval_s": 60, "lanes": [
+            {"lane": n, "count": count, "occupancy_pct": 5.0,
+             "speed_kmh": 60.0 + ts // 60_000 % 7}  # varies: a constant one is a stuck sensor
+            for n in (1, 2, 3)
+        ]})
+        for _, ts, count in readings
+    ]  # fmt: skip
+    now = (T0_MS + 86_400_000) * 1_000_000
+    columns = decoder.decode(topics, payloads, now).columns
+    return {k: validate(c, config.ingest, now)[0] for k, c in columns.items()}
+
+
+def test_a_late_reading_updates_every_sliding_window_that_contains_it(tmp_path: Path) -> None:
+    config = config_in(tmp_path).with_overrides(
+        {"analytics.delay_s": 0, "analytics.lateness_s": 600}
+    )
+    engine = AnalyticsEngine(config.analytics)
+    for minute in range(8):
+        engine.process(traffic(config, [("det-0001", T0_MS + minute * 60_000, 10)]))
+    # det-0002 (the same road) for minute 1 arrives late, within the allowed lateness
+    lines = engine.process(traffic(config, [("det-0002", T0_MS + 60_000, 30)])).lines
+    engine.close()
+    ends = sorted(
+        int(line.rsplit(" ", 1)[1]) // 60_000_000_000 - T0_MS // 60_000
+        for line in lines
+        if line.startswith("traffic_segment,") and "segment=seg-0001" in line
+        and "window=5m" in line
+    )  # fmt: skip
+    assert ends == [2, 3, 4, 5, 6]  # the window of minute 1 and the four after it
