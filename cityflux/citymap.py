@@ -75,6 +75,17 @@ class CityMap(_Item, frozen=True, kw_only=True):
     def segment(self, segment_id: str) -> Segment:
         return {s.id: s for s in self.segments}[segment_id]
 
+    def devices_by_kind(self) -> dict[str, list[tuple[str, str]]]:
+        """Every device as (id, district) per kind, in this order: poles, manholes, traffic
+        detectors (whose district is their segment's). Simulator and analytics number
+        devices by it."""
+        district_of = {s.id: s.district for s in self.segments}
+        return {
+            "pole": [(p.id, p.district) for p in self.poles],
+            "manhole": [(m.id, m.district) for m in self.manholes],
+            "traffic": [(d.id, district_of[d.segment]) for d in self.detectors],
+        }
+
 
 def load_city_map(path: str | Path) -> CityMap:
     """Parse and cross-check a city map file; errors name the offending item."""

@@ -127,18 +127,15 @@ class AnalyticsEngine:
         # briefly); _emit_lock guards everything windows derive (held while computing).
         self._panes_lock = threading.Lock()
         self._emit_lock = threading.RLock()
-        self._pending = Output()
-        self._pending_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
-        self._deliver: Callable[[list[str]], object] | None = None
+        self._deliver: Callable[[list[str]], object] = lambda lines: None
         self.restore()
 
-    def start_worker(self, deliver: Callable[[list[str]], object] | None = None) -> None:
+    def start_worker(self, deliver: Callable[[list[str]], object]) -> None:
         """Compute windows on a thread of their own. ``deliver`` writes the window results
-        (durably) from that thread, so their volume never holds up ingest; without it they
-        wait for :meth:`take_pending`."""
+        (durably) from that thread, so their volume never holds up ingest."""
         self._deliver = deliver
         self._worker = threading.Thread(target=self._work, name="analytics", daemon=True)
         self._worker.start()
@@ -152,20 +149,11 @@ class AnalyticsEngine:
                 with self._emit_lock:
                     self._emit(out)
                     self._maybe_checkpoint()
-                if out.lines and self._deliver is not None:
+                if out.lines:
                     self._deliver(out.lines)
-                elif out.lines:
-                    with self._pending_lock:
-                        self._pending.lines += out.lines
             except Exception:  # a bad window must not stop every later one
                 log.exception("analytics worker: computing windows failed")
                 self.counts["worker_errors"] += 1
-
-    def take_pending(self) -> list[str]:
-        """Lines the worker produced since the last call (windows and their alerts)."""
-        with self._pending_lock:
-            lines, self._pending.lines = self._pending.lines, []
-        return lines
 
     # -- input ---------------------------------------------------------------------------
     def process(self, columns: dict[str, Columns]) -> Output:
@@ -219,30 +207,24 @@ class AnalyticsEngine:
             )
 
     def _add_traffic(self, cols: Columns, entity: Array, out: Output) -> None:
-        lane = np.clip(cols.fields["lane"], 1, 16) - 1
+        f = cols.fields
+        lane = np.clip(f["lane"], 1, 16) - 1
         with self._panes_lock:
-            late = self._add_traffic_rows(cols, entity, lane)
+            late = self.traffic.add(
+                self.watermark.value_ns, entity * 16 + lane, cols.ts_ns, count=f["count"],
+                occupancy_pct=f["occupancy_pct"], speed_kmh=f["speed_kmh"],
+                interval_s=f["interval_s"],
+            )  # fmt: skip
         self._too_late("traffic", cols, late, out)
-
-    def _add_traffic_rows(self, cols: Columns, entity: Array, lane: Array) -> Array:
-        return self.traffic.add(
-            self.watermark.value_ns,
-            entity * 16 + lane,
-            cols.ts_ns,
-            count=cols.fields["count"],
-            occupancy_pct=cols.fields["occupancy_pct"],
-            speed_kmh=cols.fields["speed_kmh"],
-            interval_s=cols.fields["interval_s"],
-        )
 
     def _add_pole(self, cols: Columns, entity: Array, out: Output) -> None:
         f = cols.fields
         with self._panes_lock:
             late = self.poles.add(
-            self.watermark.value_ns, entity, cols.ts_ns,
-            pm25_ugm3=f["pm25_ugm3"], pm10_ugm3=f["pm10_ugm3"], noise_dba=f["noise_dba"],
-            lamp_on=f["lamp_on"], lamp_power_w=f["lamp_power_w"], lamp_fault=f["lamp_fault"],
-        )  # fmt: skip
+                self.watermark.value_ns, entity, cols.ts_ns,
+                pm25_ugm3=f["pm25_ugm3"], pm10_ugm3=f["pm10_ugm3"], noise_dba=f["noise_dba"],
+                lamp_on=f["lamp_on"], lamp_power_w=f["lamp_power_w"], lamp_fault=f["lamp_fault"],
+            )  # fmt: skip
         self._too_late("pole", cols, late, out)
 
     def _add_manhole(self, cols: Columns, entity: Array, out: Output) -> None:
@@ -279,7 +261,6 @@ class AnalyticsEngine:
         if self._worker is None:
             with self._emit_lock:
                 self._maybe_checkpoint()
-        out.lines += self.take_pending()
         return out
 
     def flush(self, out: Output | None = None) -> Output:
@@ -295,7 +276,6 @@ class AnalyticsEngine:
                 ) * self.traffic.pane_ns
                 self._poles_forced_ns = (newest // self.poles.pane_ns + 1) * self.poles.pane_ns
             self._emit(out)
-        out.lines += self.take_pending()
         return out
 
     def _has_open_panes(self) -> bool:
@@ -307,11 +287,12 @@ class AnalyticsEngine:
         """Compute every window that became complete (caller holds _emit_lock)."""
         with self._panes_lock:  # take the panes' rows; compute without holding the lock
             watermark = self.watermark.value_ns
-            traffic = [(p.start_ns, list(p.chunks), not p.emitted)
-                       for p in self.traffic.due(watermark)]  # fmt: skip
             poles_watermark = max(watermark, self._poles_forced_ns)
-            poles = [(p.start_ns, list(p.chunks)) for p in self.poles.due(poles_watermark)]
-            for pane in [*self.traffic.due(watermark), *self.poles.due(poles_watermark)]:
+            traffic_due = self.traffic.due(watermark)
+            poles_due = self.poles.due(poles_watermark)
+            traffic = [(p.start_ns, list(p.chunks), not p.emitted) for p in traffic_due]
+            poles = [(p.start_ns, list(p.chunks)) for p in poles_due]
+            for pane in [*traffic_due, *poles_due]:
                 pane.emitted, pane.dirty = True, False
             self.traffic.expire(watermark)
             self.poles.expire(poles_watermark)
@@ -690,12 +671,7 @@ class _DeviceIndex:
     """Every device of the map, numbered poles, then manholes, then detectors."""
 
     def __init__(self, city: CityMap) -> None:
-        segments = {s.id: s.district for s in city.segments}
-        groups = {
-            "pole": [(p.id, p.district) for p in city.poles],
-            "manhole": [(m.id, m.district) for m in city.manholes],
-            "traffic": [(d.id, segments[d.segment]) for d in city.detectors],
-        }
+        groups = city.devices_by_kind()
         self.offset: dict[str, int] = {}
         ids: list[str] = []
         districts: list[str] = []

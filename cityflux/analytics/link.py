@@ -52,7 +52,6 @@ class AnalyticsLink:
 
     def process(self, columns: dict[str, Columns]) -> tuple[list[str], list[Rejection]]:
         out = self.engine.process(columns)  # alert changes are published as they happen
-        out.lines += self.engine.take_pending()  # windows the worker finished meanwhile
         late = [
             Rejection(
                 Reason.TOO_LATE,

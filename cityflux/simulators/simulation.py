@@ -541,17 +541,10 @@ def _devices(city: CityMap, root: str) -> Devices:
     ids: list[str] = []
     districts: list[str] = []
     offset = {}
-    segments = {s.id: s.district for s in city.segments}
-    for kind, items in (("pole", city.poles), ("manhole", city.manholes)):
+    for kind, members in city.devices_by_kind().items():
         offset[kind] = len(ids)
-        for item in items:
-            kinds.append(kind)
-            ids.append(item.id)
-            districts.append(item.district)
-    offset["traffic"] = len(ids)
-    for det in city.detectors:
-        kinds.append("traffic")
-        ids.append(det.id)
-        districts.append(segments[det.segment])
+        kinds += [kind] * len(members)
+        ids += [device for device, _ in members]
+        districts += [district for _, district in members]
     topics = [f"{root}/{d}/{k}/{i}" for k, i, d in zip(kinds, ids, districts, strict=True)]
     return Devices(kind=kinds, ids=ids, district=districts, topic=topics, offset=offset)
