@@ -27,6 +27,8 @@ fi
 stamp=.venv/.cityflux-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  # urllib3-future (under grafana-client) would overwrite urllib3 at every interpreter start
+  # if installed from its wheel; built from source with this flag it stays beside it
+  URLLIB3_NO_OVERRIDE=1 PIP_NO_BINARY=urllib3-future .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi

@@ -53,6 +53,10 @@ class CityModel:
     detector_ids: Array = field(init=False)
     pair_entity: Array = field(init=False)  # "<segment>:<upstream station>"
     rollup_names: Array = field(init=False)  # districts, then "city"
+    # where things are, for maps: a link at its segment's midpoint, an alert at its entity
+    link_lat: Array = field(init=False)
+    link_lon: Array = field(init=False)
+    positions: dict[str, tuple[float, float]] = field(init=False)  # entity -> (lat, lon)
 
     def __post_init__(self) -> None:
         city = self.city
@@ -90,6 +94,10 @@ class CityModel:
             [f"{city.detectors[i].segment}:{city.detectors[i].id}" for i in up], dtype=object
         )
         self.rollup_names = np.array([*self.district_ids, "city"], dtype=object)
+        middle = {s.id: _midpoint(s.geometry) for s in city.segments}
+        self.link_lat = np.array([middle[s][0] for s in self.link_segment])
+        self.link_lon = np.array([middle[s][1] for s in self.link_segment])
+        self.positions = _positions(self, middle)
 
     @property
     def links(self) -> int:
@@ -138,3 +146,32 @@ def _station_pairs(model: CityModel) -> Array:
             link = int(model.link_downstream[link])
         pairs += list(itertools.pairwise(chain))
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def _midpoint(geometry: list[tuple[float, float]]) -> tuple[float, float]:
+    """(lat, lon) halfway between a segment's ends (geometry is [lon, lat] pairs)."""
+    (lon_a, lat_a), (lon_b, lat_b) = geometry[0], geometry[-1]
+    return round((lat_a + lat_b) / 2, 6), round((lon_a + lon_b) / 2, 6)
+
+
+def _positions(
+    model: CityModel, middle: dict[str, tuple[float, float]]
+) -> dict[str, tuple[float, float]]:
+    """Every entity an alert can name, placed: links, station pairs and detectors on their
+    segment, poles and manholes where they stand, districts and the city at the mean of their
+    segments."""
+    city = model.city
+    positions = dict(middle)
+    positions.update(
+        {e: middle[s] for e, s in zip(model.link_entity, model.link_segment, strict=True)}
+    )
+    positions.update({d.id: middle[d.segment] for d in city.detectors})
+    positions.update({e: middle[e.split(":")[0]] for e in model.pair_entity})
+    positions.update({p.id: (p.lat, p.lon) for p in city.poles})
+    positions.update({m.id: (m.lat, m.lon) for m in city.manholes})
+    for district in [*model.district_ids, "city"]:
+        points = [middle[s.id] for s in city.segments if district in (s.district, "city")]
+        if points:
+            lat, lon = np.mean(points, axis=0)
+            positions[district] = (round(float(lat), 6), round(float(lon), 6))
+    return positions

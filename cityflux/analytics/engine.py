@@ -51,7 +51,7 @@ from cityflux.analytics.windows import NS, Pane, PaneBuffer, Watermark
 from cityflux.citymap import CityMap, load_city_map
 from cityflux.config import AnalyticsConfig
 from cityflux.ingest.batch import Columns
-from cityflux.store.lineprotocol import encode_point, encode_table, series_prefixes
+from cityflux.store.lineprotocol import FieldValue, encode_point, encode_table, series_prefixes
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -402,6 +402,7 @@ class AnalyticsEngine:
             "delay_proportion": links.dtp[ok], "tpi": links.tpi[ok],
             "level": links.level[ok].astype(np.int64), "los": links.los[ok].astype(object),
             "vc": links.vc[ok], "imputed": links.imputed[ok],
+            "lat": m.link_lat[ok], "lon": m.link_lon[ok],
         }  # fmt: skip
         return encode_table(prefixes[ok].tolist(), _rounded(fields), end)
 
@@ -503,13 +504,15 @@ class AnalyticsEngine:
     def _observe(self, out: Output, observation: Observation) -> None:
         for alert in self.alerts.evaluate(observation):
             out.alerts.append(alert)
-            out.lines.append(alert_line(alert))
+            out.lines.append(alert_line(alert, position=self.model.positions.get(alert.entity)))
             if self.notify is not None:
                 self.notify(alert)
 
     def acknowledge(self, alert_id: int, by: str) -> tuple[Alert | None, list[str]]:
         alert = self.alerts.acknowledge(alert_id, by)
-        return alert, [alert_line(alert, time.time_ns())] if alert else []
+        if alert is None:
+            return None, []
+        return alert, [alert_line(alert, time.time_ns(), self.model.positions.get(alert.entity))]
 
     # -- checkpoints ---------------------------------------------------------------------
     def recovery_since_ns(self, now_ns: int | None = None) -> int:
@@ -610,15 +613,24 @@ def resolve_map(path: str) -> Path:
     return shipped if shipped.exists() else candidate
 
 
-def alert_line(alert: Alert, ts_ns: int | None = None) -> str:
-    """The alert's state change as a point, so dashboards can annotate it."""
+def alert_line(
+    alert: Alert, ts_ns: int | None = None, position: tuple[float, float] | None = None
+) -> str:
+    """The alert's state change as a point, so dashboards can annotate it (and map it, at the
+    entity's ``position``)."""
+    fields: dict[str, FieldValue] = {
+        "alert_id": alert.id, "state": alert.state, "acknowledged": alert.acknowledged,
+        "flapping": alert.flapping,
+        "value": float(alert.value) if np.isfinite(alert.value) else 0.0,
+        "message": alert.message,
+    }  # fmt: skip
+    if position is not None:
+        fields["lat"], fields["lon"] = position
     return encode_point(
         ALERT_MEASUREMENT,
         {"rule": alert.rule, "severity": alert.severity, "district": alert.district,
          "entity": alert.entity},
-        {"alert_id": alert.id, "state": alert.state, "acknowledged": alert.acknowledged,
-         "flapping": alert.flapping, "value": float(alert.value)
-         if np.isfinite(alert.value) else 0.0, "message": alert.message},
+        fields,
         ts_ns if ts_ns is not None else (
             alert.cleared_ns if alert.state == "cleared" else alert.started_ns),
     )  # fmt: skip

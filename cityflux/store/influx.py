@@ -121,11 +121,14 @@ class InfluxWriter:
             self.query(f'CREATE DATABASE "{self.config.database}"', method="POST")
 
     def query(self, influxql: str, method: str = "GET") -> dict[str, Any]:
-        """Run InfluxQL against a v1 server; epoch=ns keeps timestamps exact."""
-        params = {"db": self.config.database, "q": influxql, "epoch": "ns"}
-        if self.config.username:
-            params.update(u=self.config.username, p=self.config.password or "")
-        response = self._request(method, f"{self._base}/query?{urlencode(params)}")
+        """Run InfluxQL (v1 ``/query``; 2.x answers it for a bucket through its DBRP mapping,
+        virtual since 2.4: database = bucket name); epoch=ns keeps timestamps exact."""
+        c = self.config
+        params = {"db": c.bucket if c.api == "v2" else c.database, "q": influxql, "epoch": "ns"}
+        headers = {"Authorization": f"Token {c.token}"} if c.api == "v2" and c.token else {}
+        if c.username:
+            params.update(u=c.username, p=c.password or "")
+        response = self._request(method, f"{self._base}/query?{urlencode(params)}", headers=headers)
         if response.status >= 300:
             raise StoreError(f"query failed: HTTP {response.status}: {_error_text(response.data)}")
         result: dict[str, Any] = json.loads(response.data)

@@ -1,0 +1,127 @@
+"""City overview: how congested the city and each district are, where, and what is alerting."""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import dashboard as dash
+
+from cityflux.dashboards import panels
+from cityflux.dashboards.common import alert_annotations, frame
+from cityflux.dashboards.influxql import Query
+
+UID = "cityflux-overview"
+
+# the 5-minute sliding window: steadier than the 1-minute one for a wall display
+CITY = """FROM "traffic_district" WHERE "district" = 'city' AND "window" = '5m' AND $timeFilter"""
+DISTRICTS = """FROM "traffic_district" WHERE "district" != 'city' AND "window" = '5m' \
+AND $timeFilter"""
+# the newest state of each alert (one series per rule and entity), kept if still active
+ACTIVE = """SELECT {fields} FROM (SELECT last("state") AS "state", "lat", "lon", "message" \
+FROM "cityflux_alert" WHERE $timeFilter GROUP BY "rule", "severity", "district", "entity") \
+WHERE "state" = 'active'"""
+
+
+def build() -> dash.Dashboard:
+    return (
+        frame(UID, "cityflux: city overview", "Congestion (GB/T 33171 TPI) and alerts, city-wide")
+        .annotation(alert_annotations("traffic_incident|district_congestion"))
+        .with_panel(
+            panels.dial(
+                "City TPI",
+                Query(f'SELECT last("tpi") {CITY}'),
+                steps=panels.TPI_STEPS,
+                maximum=10,
+                description="Traffic performance index, 0-10, VKT-weighted",
+            )
+        )
+        .with_panel(
+            panels.dial(
+                "District TPI",
+                Query(f'SELECT last("tpi") {DISTRICTS} GROUP BY "district"').alias("$tag_district"),
+                steps=panels.TPI_STEPS,
+                maximum=10,
+                width=10,
+            )
+        )
+        .with_panel(
+            panels.single_stat(
+                "Congested road length",
+                Query(f'SELECT last("congested_share") {CITY}'),
+                unit="percentunit",
+                width=4,
+                height=4,
+                steps=[(None, "green"), (0.1, "yellow"), (0.2, "red")],
+                description="Share of road length with data at congestion level 4-5",
+            )
+        )
+        .with_panel(
+            panels.single_stat(
+                "Active alerts",
+                Query(ACTIVE.format(fields='count("state")') + ' GROUP BY "severity"').alias(
+                    "$tag_severity"
+                ),
+                width=4,
+                height=4,
+                steps=panels.SEVERITY_STEPS,
+                no_value="0",
+            )
+        )
+        .with_panel(
+            panels.time_series(
+                "TPI trend",
+                Query(f'SELECT mean("tpi") {CITY} GROUP BY time($__interval) fill(none)').alias(
+                    "city"
+                ),
+                Query(
+                    f'SELECT mean("tpi") {DISTRICTS} GROUP BY time($__interval), "district" '
+                    "fill(none)"
+                )
+                .ref_id("B")
+                .alias("$tag_district"),
+                width=24,
+                steps=panels.TPI_STEPS,
+            )
+        )
+        .with_panel(
+            panels.city_map(
+                "Congestion and alerts",
+                Query(
+                    'SELECT last("level") AS "level", "lat", "lon", "tpi", "speed_kmh" '
+                    """FROM "traffic_segment" WHERE "window" = '5m' AND $timeFilter """
+                    'GROUP BY "segment", "direction"'
+                ).table(),
+                Query(
+                    ACTIVE.format(fields='"lat", "lon", "message", "rule", "severity", "entity"')
+                    + ' AND "lat" > -90'
+                )
+                .ref_id("B")
+                .table(),
+                layers=[
+                    panels.points_layer("Segments (congestion level)", "A", "level"),
+                    panels.points_layer("Active alerts", "B", None, "red"),
+                ],
+                steps=panels.LEVEL_STEPS,
+                description="Road segments coloured by GB/T 33171 level (1 smooth - 5 severe); "
+                "red: entities with an active alert",
+            )
+        )
+        .with_panel(
+            panels.time_series(
+                "District variation (CV of segment TPI)",
+                Query(
+                    f'SELECT mean("cv") {DISTRICTS} GROUP BY time($__interval), "district" '
+                    "fill(none)"
+                ).alias("$tag_district"),
+                Query(f'SELECT mean("cv") {CITY} GROUP BY time($__interval) fill(none)')
+                .ref_id("B")
+                .alias("city"),
+                description="Coefficient of variation of segment TPI: how uneven congestion is",
+            )
+        )
+        .with_panel(
+            panels.grid(
+                "Active alerts",
+                Query(ACTIVE.format(fields='"state", "message"')).table(),
+                sort_by="Time",
+            )
+        )
+    )

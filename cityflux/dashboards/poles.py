@@ -1,0 +1,110 @@
+"""Smart poles: air quality (HJ 633 AQI and IAQI, PM), noise against GB 3096 limits, lamps."""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import dashboard as dash
+
+from cityflux.dashboards import panels
+from cityflux.dashboards.common import alert_annotations, frame
+from cityflux.dashboards.influxql import Query
+
+UID = "cityflux-poles"
+
+IN_DISTRICT = """WHERE "district" =~ /^$district$/ AND $timeFilter"""
+BY_DISTRICT = 'GROUP BY time($__interval), "district" fill(none)'
+
+
+def build() -> dash.Dashboard:
+    return (
+        frame(UID, "cityflux: smart poles", "Air quality, noise and street lighting")
+        .with_variable(panels.district_variable("pole"))
+        .annotation(
+            alert_annotations("air_quality_heavy|noise_over_limit|lamp_fault", district=True)
+        )
+        .with_panel(
+            panels.time_series(
+                "AQI (worst pole per district)",
+                Query(f'SELECT max("aqi") FROM "air_quality" {IN_DISTRICT} {BY_DISTRICT}').alias(
+                    "$tag_district"
+                ),
+                steps=panels.AQI_STEPS,
+                description="HJ 633 hourly AQI: 0-50 good ... >300 severe pollution",
+            )
+        )
+        .with_panel(
+            panels.time_series(
+                "IAQI of PM2.5 and PM10 (district mean)",
+                Query(
+                    'SELECT mean("iaqi_pm25") AS "PM2.5", mean("iaqi_pm10") AS "PM10" '
+                    f'FROM "air_quality" {IN_DISTRICT} {BY_DISTRICT}'
+                ).alias("$tag_district $col"),
+                steps=panels.AQI_STEPS,
+            )
+        )
+        .with_panel(
+            panels.time_series(
+                "PM concentration (readings, district mean)",
+                Query(
+                    'SELECT mean("pm25_ugm3") AS "PM2.5", mean("pm10_ugm3") AS "PM10" '
+                    f'FROM "pole" {IN_DISTRICT} {BY_DISTRICT}'
+                ).alias("$tag_district $col"),
+                unit="conμgm3",
+            )
+        )
+        .with_panel(
+            panels.time_series(
+                "Noise: hourly Leq against the zone limit",
+                Query(
+                    'SELECT max("leq_1h_dba") AS "Leq 1h (loudest pole)", '
+                    'min("limit_dba") AS "limit" '
+                    f'FROM "noise" {IN_DISTRICT} {BY_DISTRICT}'
+                ).alias("$tag_district $col"),
+                unit="dB",
+                description="GB 3096 limits by acoustic zone, day/night",
+            )
+        )
+        .with_panel(
+            panels.grid(
+                "Poles over their noise limit",
+                Query(
+                    'SELECT * FROM (SELECT last("exceed_dba") AS "over by dBA", '
+                    '"leq_1h_dba", "limit_dba" FROM "noise" '
+                    f'{IN_DISTRICT} GROUP BY "device_id", "district") '
+                    'WHERE "over by dBA" > 0'
+                ).table(),
+                sort_by="over by dBA",
+            )
+        )
+        .with_panel(
+            panels.time_series(
+                "Lamps on",
+                Query(
+                    'SELECT count("lamp_on") FROM "pole" WHERE "lamp_on" = true AND '
+                    f'"district" =~ /^$district$/ AND $timeFilter {BY_DISTRICT}'
+                ).alias("$tag_district"),
+                description="Readings per interval reporting the lamp on",
+            )
+        )
+        .with_panel(
+            panels.time_series(
+                "Lamp power (district mean)",
+                Query(f'SELECT mean("lamp_power_w") FROM "pole" {IN_DISTRICT} {BY_DISTRICT}').alias(
+                    "$tag_district"
+                ),
+                unit="watt",
+            )
+        )
+        .with_panel(
+            panels.grid(
+                "Lamp failures",
+                Query(
+                    'SELECT "state", "message", "entity", "district" FROM "cityflux_alert" '
+                    """WHERE "rule" = 'lamp_fault' AND "district" =~ /^$district$/ """
+                    "AND $timeFilter"
+                ).table(),
+                sort_by="Time",
+                description="Lamp-fault alerts: dark at night, burning by day, or drawing "
+                "the wrong power",
+            )
+        )
+    )
