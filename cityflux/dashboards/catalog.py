@@ -32,7 +32,10 @@ DEFAULT_DIR = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dash
 
 def render(builder: Callable[[], dash.Dashboard]) -> str:
     """A dashboard as the text of its JSON file (stable: same code, same bytes)."""
-    return json.dumps(builder().build(), cls=JSONEncoder, indent=2, ensure_ascii=False) + "\n"
+    built = builder().build()
+    for number, panel in enumerate(built.panels or [], start=1):
+        panel.id_val = number  # Grafana links, embeds and remembers panels by id
+    return json.dumps(built, cls=JSONEncoder, indent=2, ensure_ascii=False) + "\n"
 
 
 def render_all() -> dict[str, str]:

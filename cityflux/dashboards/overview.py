@@ -119,7 +119,7 @@ def build() -> dash.Dashboard:
         )
         .with_panel(
             panels.grid(
-                "Active alerts",
+                "Alerting now",
                 Query(ACTIVE.format(fields='"state", "message"')).table(),
                 sort_by="Time",
             )
