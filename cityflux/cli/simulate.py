@@ -45,6 +45,9 @@ def city_generate(
     poles: int = 200,
     manholes: int = 100,
     geojson: Annotated[Path | None, typer.Option(help="also write GeoJSON here")] = None,
+    scenario: Annotated[
+        str | None, typer.Option(help="the city of this scenario (overrides the sizes)")
+    ] = None,
 ) -> None:
     """Generate a city map (deterministic for a seed), optionally with a GeoJSON export."""
     spec = (
@@ -54,7 +57,13 @@ def city_generate(
             seed=seed, districts=districts, road_km=road_km, poles=poles, manholes=manholes
         )
     )
-    city = generate_city(spec)
+    if scenario:  # the same map the simulator's run of that scenario uses
+        try:
+            city = Simulation(load_scenario(scenario), time.time()).city
+        except CityfluxError as exc:
+            raise _fail(exc) from exc
+    else:
+        city = generate_city(spec)
     out.write_bytes(msgspec.json.format(msgspec.json.encode(city)))
     if geojson:
         geojson.write_bytes(msgspec.json.encode(to_geojson(city)))
@@ -77,15 +86,19 @@ def make_simulation(
     duration_s: float | None = None,
     devices: int = 0,
     topic_root: str = "cityflux/v1",
+    start: str | None = None,
 ) -> Simulation:
-    """Load a scenario (optionally shortened, or on a bigger generated city) and set its start."""
+    """Load a scenario (optionally shortened, started at another time, or on a bigger
+    generated city) and set its start."""
     overrides: dict[str, object] = {}
     if duration_s:
         overrides["clock.duration_s"] = duration_s
+    if start:
+        overrides["clock.start"] = start
     scenario: Scenario = load_scenario(scenario_name, overrides)
     city = generate_city(CitySpec.for_devices(devices, scenario.city.seed)) if devices else None
-    start = scenario.start_epoch_s(time.time(), speed)
-    return Simulation(scenario, start, topic_root, city=city)
+    start_s = scenario.start_epoch_s(time.time(), speed)
+    return Simulation(scenario, start_s, topic_root, city=city)
 
 
 def write_outputs(sim: Simulation, out_dir: Path) -> tuple[Path, Path]:
@@ -104,6 +117,10 @@ def simulate(
     speed: SpeedOption = "max",
     duration: Annotated[float, typer.Option(help="simulated seconds (0: the scenario's)")] = 0,
     devices: Annotated[int, typer.Option(help="simulate a generated city this big")] = 0,
+    start: Annotated[
+        str | None,
+        typer.Option(help="local start HH:MM, or 'now' (live at --speed 1); default: scenario's"),
+    ] = None,
     mqtt_url: MqttUrl = None,
     out_dir: Annotated[Path, typer.Option(help="ground truth and expected counts")] = Path(
         "var/scenarios"
@@ -119,6 +136,7 @@ def simulate(
             duration_s=duration or None,
             devices=devices,
             topic_root=loaded.mqtt.topic_root,
+            start=start,
         )
         summary = _with_progress(sim, loaded, parse_speed(speed))
     except (CityfluxError, OSError, ValueError) as exc:

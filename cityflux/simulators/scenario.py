@@ -32,7 +32,8 @@ class CitySection(CitySpec, frozen=True, kw_only=True):
 
 class ClockSection(_Section, frozen=True, kw_only=True):
     # local start time; the date is the latest past day (of ``day`` kind) on which the whole
-    # run fits before now, unless ``date`` pins it (then mind the ingest's max_past_s)
+    # run fits before now, unless ``date`` pins it (then mind the ingest's max_past_s).
+    # "now": the latest start the run allows, whatever the time of day (live at speed 1).
     start: str = "06:00"
     utc_offset_h: float = 8.0
     day: Literal["weekday", "weekend", "any"] = "weekday"
@@ -120,13 +121,15 @@ class Scenario(_Section, frozen=True, kw_only=True):
     def start_epoch_s(self, now_s: float, speed: float) -> float:
         """Epoch seconds of the simulated start (see ClockSection)."""
         clock = self.clock
+        # the run must not outrun the wall clock: start + duration <= now + duration / speed
+        latest = now_s + clock.duration_s / speed - clock.duration_s
+        if clock.start == "now":  # as late as that allows: live, at speed 1
+            return min(now_s, latest)
         tz = dt.timezone(dt.timedelta(hours=clock.utc_offset_h))
         hh, mm = (int(part) for part in clock.start.split(":"))
         if clock.date:
             day = dt.date.fromisoformat(clock.date)
             return dt.datetime(day.year, day.month, day.day, hh, mm, tzinfo=tz).timestamp()
-        # the run must not outrun the wall clock: start + duration <= now + duration / speed
-        latest = now_s + clock.duration_s / speed - clock.duration_s
         day = dt.datetime.fromtimestamp(latest, tz).date()
         for back in range(14):
             candidate = day - dt.timedelta(days=back)

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import cityflux
 from cityflux import errors
+from cityflux.citymap import load_city_map
+from cityflux.simulators.scenario import load_scenario
+from cityflux.simulators.simulation import Simulation
 from tests.support import ROOT
 
 
@@ -66,3 +72,13 @@ def test_check_config_fails_with_the_key_named() -> None:
     result = run_cli("check-config", CITYFLUX_INGEST__BATCH_SIZE="lots")
     assert result.returncode == 2
     assert "batch_size" in result.stderr
+
+
+def test_city_generate_writes_the_map_a_scenario_simulates(tmp_path: Path) -> None:
+    out = tmp_path / "city.json"
+    result = run_cli("city", "generate", str(out), "--scenario", "city-tour")
+    assert result.returncode == 0, result.stderr
+    scenario = load_scenario("city-tour")
+    expected = Simulation(scenario, scenario.start_epoch_s(time.time(), math.inf)).city
+    assert load_city_map(out) == expected
+    assert len(expected.poles) == scenario.city.poles

@@ -178,3 +178,11 @@ def test_systemd_unit_runs_cityflux() -> None:
 def test_dashboard_json_is_plain_json() -> None:
     for path in catalog.DEFAULT_DIR.glob("*.json"):
         assert json.loads(path.read_text())["uid"].startswith("cityflux-")
+
+
+def test_docs_list_every_panel() -> None:
+    docs = (ROOT / "docs" / "dashboards.md").read_text()
+    for name, dashboard in committed().items():
+        assert f"`{name}`" in docs
+        for panel in dashboard["panels"]:
+            assert f"| {panel['title']} | {panel['type']} |" in docs, panel["title"]

@@ -77,3 +77,11 @@ def test_ground_truth_names_what_each_scenario_makes_happen() -> None:
     assert haze["haze"] == 4 and haze["lamp_fault"] >= 5
     failure = _truth_types("device-failure")
     assert failure["outage"] >= 20 and failure["stuck"] >= 1 and failure["clock_skew"] >= 1
+
+
+def test_start_now_runs_live_at_real_time_and_never_ahead_of_the_clock() -> None:
+    scenario = load_scenario("city-tour", {"clock.start": "now"})
+    assert scenario.start_epoch_s(NOW, 1.0) == NOW  # live: simulated time is wall time
+    assert scenario.start_epoch_s(NOW, 0.5) == NOW
+    # faster: starts early enough that its last reading is stamped no later than it is sent
+    assert scenario.start_epoch_s(NOW, 10.0) == NOW - 0.9 * scenario.clock.duration_s
