@@ -5,39 +5,28 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as dash
 
 from cityflux.dashboards import panels
-from cityflux.dashboards.common import alert_annotations, frame
+from cityflux.dashboards.common import WHERE_DISTRICT, active_alerts, district_frame, severity_stat
 from cityflux.dashboards.influxql import Query
 
 UID = "cityflux-alerts"
 
-IN_DISTRICT = """WHERE "district" =~ /^$district$/ AND $timeFilter"""
-ACTIVE = f"""SELECT {{fields}} FROM (SELECT last("state") AS "state", "message", "value", \
-"acknowledged", "flapping" FROM "cityflux_alert" {IN_DISTRICT} \
-GROUP BY "rule", "severity", "district", "entity") WHERE "state" = 'active'"""
-
 
 def build() -> dash.Dashboard:
     return (
-        frame(UID, "cityflux: alerts", "Alert states written by the analytics (cityflux_alert)")
-        .with_variable(panels.district_variable("cityflux_alert"))
-        .annotation(alert_annotations(district=True))
-        .with_panel(
-            panels.single_stat(
-                "Active alerts by severity",
-                Query(ACTIVE.format(fields='count("state")') + ' GROUP BY "severity"').alias(
-                    "$tag_severity"
-                ),
-                width=24,
-                height=4,
-                steps=panels.SEVERITY_STEPS,
-                no_value="0",
-            )
+        district_frame(
+            UID,
+            "cityflux: alerts",
+            "Alert states written by the analytics (cityflux_alert)",
+            "cityflux_alert",
         )
+        .with_panel(severity_stat("Active alerts by severity", 24, 4, in_district=True))
         .with_panel(
             panels.grid(
                 "Active alerts (time: raised)",
                 Query(
-                    ACTIVE.format(fields='"message", "value", "acknowledged", "flapping"')
+                    active_alerts(
+                        '"message", "value", "acknowledged", "flapping"', in_district=True
+                    )
                 ).table(),
                 width=24,
                 height=10,
@@ -47,7 +36,7 @@ def build() -> dash.Dashboard:
         .with_panel(
             panels.time_series(
                 "Alerts raised",
-                Query(f"""SELECT count("alert_id") FROM "cityflux_alert" {IN_DISTRICT} \
+                Query(f"""SELECT count("alert_id") FROM "cityflux_alert" {WHERE_DISTRICT} \
 AND "state" = 'active' GROUP BY time($__interval), "severity" fill(none)""").alias("$tag_severity"),
                 width=24,
             )
@@ -57,7 +46,7 @@ AND "state" = 'active' GROUP BY time($__interval), "severity" fill(none)""").ali
                 "Recent state changes",
                 Query(
                     'SELECT "state", "rule", "severity", "entity", "message", "acknowledged" '
-                    f'FROM "cityflux_alert" {IN_DISTRICT} ORDER BY time DESC LIMIT 200'
+                    f'FROM "cityflux_alert" {WHERE_DISTRICT} ORDER BY time DESC LIMIT 200'
                 ).table(),
                 width=24,
                 height=12,

@@ -4,9 +4,11 @@ others) and the alert annotations."""
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.builders import stat
 from grafana_foundation_sdk.models import dashboard
 
-from cityflux.dashboards.influxql import annotation
+from cityflux.dashboards import panels
+from cityflux.dashboards.influxql import Query, annotation
 
 TAG = "cityflux"
 
@@ -33,6 +35,22 @@ def frame(uid: str, title: str, description: str, since: str = "now-6h") -> dash
     )
 
 
+# the panels' filter on a dashboard with the $district variable
+WHERE_DISTRICT = """WHERE "district" =~ /^$district$/ AND $timeFilter"""
+
+
+def district_frame(
+    uid: str, title: str, description: str, measurement: str, rules: str = ".*"
+) -> dash.Dashboard:
+    """A dashboard filtered by district (the districts of ``measurement``), its time series
+    annotated with the changes of the alert rules matching ``rules`` in those districts."""
+    return (
+        frame(uid, title, description)
+        .with_variable(panels.district_variable(measurement))
+        .annotation(alert_annotations(rules, district=True))
+    )
+
+
 def alert_annotations(rules: str = ".*", district: bool = False) -> dash.AnnotationQuery:
     """Alert state changes (raised, cleared, acknowledged) from ``cityflux_alert`` marked on
     every time-series panel; ``rules`` is a regex of rule names."""
@@ -46,3 +64,24 @@ def alert_annotations(rules: str = ".*", district: bool = False) -> dash.Annotat
     built = annotation("Alerts", query, "red", "message", "state,rule,severity,entity")
     assert isinstance(built, dash.AnnotationQuery)
     return built
+
+
+# the newest state of each alert (one series per rule and entity), kept if still active
+ACTIVE_ALERTS = """SELECT {fields} FROM (SELECT last("state") AS "state", "lat", "lon", \
+"message", "value", "acknowledged", "flapping" FROM "cityflux_alert" WHERE {where}$timeFilter \
+GROUP BY "rule", "severity", "district", "entity") WHERE "state" = 'active'"""
+IN_DISTRICT = '"district" =~ /^$district$/ AND '
+
+
+def active_alerts(fields: str, in_district: bool = False) -> str:
+    """A query for the alerts active at the end of the time range (their newest state)."""
+    return ACTIVE_ALERTS.format(fields=fields, where=IN_DISTRICT if in_district else "")
+
+
+def severity_stat(title: str, width: int, height: int, in_district: bool = False) -> stat.Panel:
+    """How many alerts are active, one number per severity."""
+    query = active_alerts('count("state")', in_district) + ' GROUP BY "severity"'
+    return panels.single_stat(
+        title, Query(query).alias("$tag_severity"), width=width, height=height,
+        steps=panels.SEVERITY_STEPS, no_value="0",
+    )  # fmt: skip

@@ -5,24 +5,26 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as dash
 
 from cityflux.dashboards import panels
-from cityflux.dashboards.common import alert_annotations, frame
+from cityflux.dashboards.common import WHERE_DISTRICT, district_frame
 from cityflux.dashboards.influxql import Query
 
 UID = "cityflux-manholes"
 
-IN_DISTRICT = """WHERE "district" =~ /^$district$/ AND $timeFilter"""
-
 
 def build() -> dash.Dashboard:
     return (
-        frame(UID, "cityflux: manholes", "Covers, water levels, gas and batteries")
-        .with_variable(panels.district_variable("manhole"))
-        .annotation(alert_annotations("manhole_.*", district=True))
+        district_frame(
+            UID,
+            "cityflux: manholes",
+            "Covers, water levels, gas and batteries",
+            "manhole",
+            "manhole_.*",
+        )
         .with_panel(
             panels.time_series(
                 "Water level (highest manhole per district)",
                 Query(
-                    f'SELECT max("water_level_cm") FROM "manhole" {IN_DISTRICT} '
+                    f'SELECT max("water_level_cm") FROM "manhole" {WHERE_DISTRICT} '
                     'GROUP BY time($__interval), "district" fill(none)'
                 ).alias("$tag_district"),
                 unit="lengthcm",
@@ -47,7 +49,7 @@ def build() -> dash.Dashboard:
                 "Gas (highest per district)",
                 Query(
                     'SELECT max("ch4_pct_lel") AS "CH4 %LEL", max("h2s_ppm") AS "H2S ppm" '
-                    f'FROM "manhole" {IN_DISTRICT} GROUP BY time($__interval), "district" '
+                    f'FROM "manhole" {WHERE_DISTRICT} GROUP BY time($__interval), "district" '
                     "fill(none)"
                 ).alias("$tag_district $col"),
                 width=12,
@@ -61,7 +63,7 @@ def build() -> dash.Dashboard:
                     'SELECT last("water_level_cm") AS "water cm", "cover_open" AS "open", '
                     '"tilt_deg" AS "tilt °", "ch4_pct_lel" AS "CH4 %LEL", "h2s_ppm" AS '
                     '"H2S ppm", "battery_pct" AS "battery %" FROM "manhole" '
-                    f'{IN_DISTRICT} GROUP BY "device_id", "district"'
+                    f'{WHERE_DISTRICT} GROUP BY "device_id", "district"'
                 ).table(),
                 width=24,
                 height=12,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as dash
 
 from cityflux.dashboards import panels
-from cityflux.dashboards.common import alert_annotations, frame
+from cityflux.dashboards.common import active_alerts, alert_annotations, frame, severity_stat
 from cityflux.dashboards.influxql import Query
 
 UID = "cityflux-overview"
@@ -14,10 +14,6 @@ UID = "cityflux-overview"
 CITY = """FROM "traffic_district" WHERE "district" = 'city' AND "window" = '5m' AND $timeFilter"""
 DISTRICTS = """FROM "traffic_district" WHERE "district" != 'city' AND "window" = '5m' \
 AND $timeFilter"""
-# the newest state of each alert (one series per rule and entity), kept if still active
-ACTIVE = """SELECT {fields} FROM (SELECT last("state") AS "state", "lat", "lon", "message" \
-FROM "cityflux_alert" WHERE $timeFilter GROUP BY "rule", "severity", "district", "entity") \
-WHERE "state" = 'active'"""
 
 
 def build() -> dash.Dashboard:
@@ -53,18 +49,7 @@ def build() -> dash.Dashboard:
                 description="Share of road length with data at congestion level 4-5",
             )
         )
-        .with_panel(
-            panels.single_stat(
-                "Active alerts",
-                Query(ACTIVE.format(fields='count("state")') + ' GROUP BY "severity"').alias(
-                    "$tag_severity"
-                ),
-                width=4,
-                height=4,
-                steps=panels.SEVERITY_STEPS,
-                no_value="0",
-            )
-        )
+        .with_panel(severity_stat("Active alerts", 4, 4))
         .with_panel(
             panels.time_series(
                 "TPI trend",
@@ -90,7 +75,7 @@ def build() -> dash.Dashboard:
                     'GROUP BY "segment", "direction"'
                 ).table(),
                 Query(
-                    ACTIVE.format(fields='"lat", "lon", "message", "rule", "severity", "entity"')
+                    active_alerts('"lat", "lon", "message", "rule", "severity", "entity"')
                     + ' AND "lat" > -90'
                 )
                 .ref_id("B")
@@ -120,7 +105,7 @@ def build() -> dash.Dashboard:
         .with_panel(
             panels.grid(
                 "Alerting now",
-                Query(ACTIVE.format(fields='"state", "message"')).table(),
+                Query(active_alerts('"state", "message"')).table(),
                 sort_by="Time",
             )
         )

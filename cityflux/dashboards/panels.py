@@ -3,10 +3,13 @@ source, so the dashboard modules read as a list of questions and their queries."
 
 from __future__ import annotations
 
+from typing import Protocol, Self, TypeVar
+
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.builders import gauge, geomap, stat, statetimeline, table, timeseries
 from grafana_foundation_sdk.cog import builder as cogbuilder
+from grafana_foundation_sdk.cog import variants as cogvariants
 from grafana_foundation_sdk.models import common, dashboard
 
 from cityflux.dashboards.influxql import DATASOURCE, DATASOURCE_TYPE, Query
@@ -41,6 +44,34 @@ def _last() -> common_builders.ReduceDataOptions:
     return common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False)
 
 
+class _PanelBuilder(Protocol):
+    """What every panel builder of the SDK has (each its own class, no common base)."""
+
+    def title(self, title: str) -> Self: ...
+    def description(self, description: str) -> Self: ...
+    def datasource(self, datasource: dashboard.DataSourceRef) -> Self: ...
+    def targets(self, targets: list[cogbuilder.Builder[cogvariants.Dataquery]]) -> Self: ...
+    def span(self, w: int) -> Self: ...
+    def height(self, h: int) -> Self: ...
+
+
+P = TypeVar("P", bound=_PanelBuilder)
+
+
+def _framed(
+    panel: P, title: str, queries: tuple[Query, ...], width: int, height: int, description: str
+) -> P:
+    """A panel on the cityflux data source, with its title, queries and size."""
+    return (
+        panel.title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .targets(list(queries))
+        .span(width)
+        .height(height)
+    )
+
+
 def time_series(
     title: str,
     *queries: Query,
@@ -52,14 +83,8 @@ def time_series(
     interval: str | None = None,
 ) -> timeseries.Panel:
     panel = (
-        timeseries.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .targets(list(queries))
+        _framed(timeseries.Panel(), title, queries, width, height, description)
         .unit(unit)
-        .span(width)
-        .height(height)
         .line_width(1)
         .fill_opacity(10)
         .span_nulls(False)
@@ -91,14 +116,8 @@ def single_stat(
     no_value: str | None = None,
 ) -> stat.Panel:
     panel = (
-        stat.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .targets(list(queries))
+        _framed(stat.Panel(), title, queries, width, height, description)
         .unit(unit)
-        .span(width)
-        .height(height)
         .reduce_options(_last())
         .color_mode(common.BigValueColorMode.BACKGROUND)
         .graph_mode(common.BigValueGraphMode.NONE)
@@ -118,17 +137,11 @@ def dial(
     description: str = "",
 ) -> gauge.Panel:
     return (
-        gauge.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .targets(list(queries))
+        _framed(gauge.Panel(), title, queries, width, height, description)
         .unit(unit)
         .min(0)
         .max(maximum)
         .decimals(1)
-        .span(width)
-        .height(height)
         .reduce_options(_last())
         .thresholds(thresholds(steps))
         .show_threshold_markers(True)
@@ -144,13 +157,7 @@ def grid(
     description: str = "",
 ) -> table.Panel:
     panel = (
-        table.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .targets(list(queries))
-        .span(width)
-        .height(height)
+        _framed(table.Panel(), title, queries, width, height, description)
         # InfluxQL returns one frame per series: merged, each series is one row
         .with_transformation(dashboard.DataTransformerConfig(id_val="merge", options={}))
     )
@@ -171,13 +178,7 @@ def states(
     description: str = "",
 ) -> statetimeline.Panel:
     panel = (
-        statetimeline.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .targets(list(queries))
-        .span(width)
-        .height(height)
+        _framed(statetimeline.Panel(), title, queries, width, height, description)
         .show_value(common.VisibilityMode.AUTO)
         .merge_values(True)
         .line_width(0)
@@ -245,13 +246,7 @@ def city_map(
     description: str = "",
 ) -> geomap.Panel:
     return (
-        geomap.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .targets(list(queries))
-        .span(width)
-        .height(height)
+        _framed(geomap.Panel(), title, queries, width, height, description)
         .view(geomap.MapViewConfig().id("fit").zoom(12).all_layers(True))
         .basemap(common_builders.MapLayerOptions().type("default").name("Basemap"))
         .layers(layers)

@@ -5,26 +5,27 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as dash
 
 from cityflux.dashboards import panels
-from cityflux.dashboards.common import alert_annotations, frame
+from cityflux.dashboards.common import WHERE_DISTRICT, district_frame
 from cityflux.dashboards.influxql import Query
 
 UID = "cityflux-poles"
 
-IN_DISTRICT = """WHERE "district" =~ /^$district$/ AND $timeFilter"""
 BY_DISTRICT = 'GROUP BY time($__interval), "district" fill(none)'
 
 
 def build() -> dash.Dashboard:
     return (
-        frame(UID, "cityflux: smart poles", "Air quality, noise and street lighting")
-        .with_variable(panels.district_variable("pole"))
-        .annotation(
-            alert_annotations("air_quality_heavy|noise_over_limit|lamp_fault", district=True)
+        district_frame(
+            UID,
+            "cityflux: smart poles",
+            "Air quality, noise and street lighting",
+            "pole",
+            "air_quality_heavy|noise_over_limit|lamp_fault",
         )
         .with_panel(
             panels.time_series(
                 "AQI (worst pole per district)",
-                Query(f'SELECT max("aqi") FROM "air_quality" {IN_DISTRICT} {BY_DISTRICT}').alias(
+                Query(f'SELECT max("aqi") FROM "air_quality" {WHERE_DISTRICT} {BY_DISTRICT}').alias(
                     "$tag_district"
                 ),
                 steps=panels.AQI_STEPS,
@@ -36,7 +37,7 @@ def build() -> dash.Dashboard:
                 "IAQI of PM2.5 and PM10 (district mean)",
                 Query(
                     'SELECT mean("iaqi_pm25") AS "PM2.5", mean("iaqi_pm10") AS "PM10" '
-                    f'FROM "air_quality" {IN_DISTRICT} {BY_DISTRICT}'
+                    f'FROM "air_quality" {WHERE_DISTRICT} {BY_DISTRICT}'
                 ).alias("$tag_district $col"),
                 steps=panels.AQI_STEPS,
             )
@@ -46,7 +47,7 @@ def build() -> dash.Dashboard:
                 "PM concentration (readings, district mean)",
                 Query(
                     'SELECT mean("pm25_ugm3") AS "PM2.5", mean("pm10_ugm3") AS "PM10" '
-                    f'FROM "pole" {IN_DISTRICT} {BY_DISTRICT}'
+                    f'FROM "pole" {WHERE_DISTRICT} {BY_DISTRICT}'
                 ).alias("$tag_district $col"),
                 unit="conμgm3",
             )
@@ -57,7 +58,7 @@ def build() -> dash.Dashboard:
                 Query(
                     'SELECT max("leq_1h_dba") AS "Leq 1h (loudest pole)", '
                     'min("limit_dba") AS "limit" '
-                    f'FROM "noise" {IN_DISTRICT} {BY_DISTRICT}'
+                    f'FROM "noise" {WHERE_DISTRICT} {BY_DISTRICT}'
                 ).alias("$tag_district $col"),
                 unit="dB",
                 description="GB 3096 limits by acoustic zone, day/night",
@@ -69,7 +70,7 @@ def build() -> dash.Dashboard:
                 Query(
                     'SELECT * FROM (SELECT last("exceed_dba") AS "over by dBA", '
                     '"leq_1h_dba", "limit_dba" FROM "noise" '
-                    f'{IN_DISTRICT} GROUP BY "device_id", "district") '
+                    f'{WHERE_DISTRICT} GROUP BY "device_id", "district") '
                     'WHERE "over by dBA" > 0'
                 ).table(),
                 sort_by="over by dBA",
@@ -88,9 +89,9 @@ def build() -> dash.Dashboard:
         .with_panel(
             panels.time_series(
                 "Lamp power (district mean)",
-                Query(f'SELECT mean("lamp_power_w") FROM "pole" {IN_DISTRICT} {BY_DISTRICT}').alias(
-                    "$tag_district"
-                ),
+                Query(
+                    f'SELECT mean("lamp_power_w") FROM "pole" {WHERE_DISTRICT} {BY_DISTRICT}'
+                ).alias("$tag_district"),
                 unit="watt",
             )
         )
