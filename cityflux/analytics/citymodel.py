@@ -56,7 +56,8 @@ class CityModel:
     # where things are, for maps: a link at its segment's midpoint, an alert at its entity
     link_lat: Array = field(init=False)
     link_lon: Array = field(init=False)
-    positions: dict[str, tuple[float, float]] = field(init=False)  # entity -> (lat, lon)
+    segment_middle: dict[str, tuple[float, float]] = field(init=False)  # segment -> (lat, lon)
+    district_middle: dict[str, tuple[float, float]] = field(init=False)  # and "city"
 
     def __post_init__(self) -> None:
         city = self.city
@@ -95,9 +96,24 @@ class CityModel:
         )
         self.rollup_names = np.array([*self.district_ids, "city"], dtype=object)
         middle = {s.id: _midpoint(s.geometry) for s in city.segments}
+        self.segment_middle = middle
         self.link_lat = np.array([middle[s][0] for s in self.link_segment])
         self.link_lon = np.array([middle[s][1] for s in self.link_segment])
-        self.positions = _positions(self, middle)
+        self.district_middle = _district_middles(city, middle)
+
+    def position(self, entity: str) -> tuple[float, float] | None:
+        """Where an alert's entity is, as (lat, lon): a pole or manhole where it stands, a
+        detector, link ("seg:dir") or station pair ("seg:station") at its segment's midpoint,
+        a district (or "city") at the mean of its segments; None if not on the map."""
+        city = self.city
+        if (i := self.pole_index.get(entity)) is not None:
+            return city.poles[i].lat, city.poles[i].lon
+        if (i := self.manhole_index.get(entity)) is not None:
+            return city.manholes[i].lat, city.manholes[i].lon
+        if (i := self.detector_index.get(entity)) is not None:
+            return self.segment_middle[city.detectors[i].segment]
+        segment = entity.split(":", 1)[0]
+        return self.segment_middle.get(segment) or self.district_middle.get(entity)
 
     @property
     def links(self) -> int:
@@ -154,24 +170,14 @@ def _midpoint(geometry: list[tuple[float, float]]) -> tuple[float, float]:
     return round((lat_a + lat_b) / 2, 6), round((lon_a + lon_b) / 2, 6)
 
 
-def _positions(
-    model: CityModel, middle: dict[str, tuple[float, float]]
+def _district_middles(
+    city: CityMap, middle: dict[str, tuple[float, float]]
 ) -> dict[str, tuple[float, float]]:
-    """Every entity an alert can name, placed: links, station pairs and detectors on their
-    segment, poles and manholes where they stand, districts and the city at the mean of their
-    segments."""
-    city = model.city
-    positions = dict(middle)
-    positions.update(
-        {e: middle[s] for e, s in zip(model.link_entity, model.link_segment, strict=True)}
-    )
-    positions.update({d.id: middle[d.segment] for d in city.detectors})
-    positions.update({e: middle[e.split(":")[0]] for e in model.pair_entity})
-    positions.update({p.id: (p.lat, p.lon) for p in city.poles})
-    positions.update({m.id: (m.lat, m.lon) for m in city.manholes})
-    for district in [*model.district_ids, "city"]:
+    """Each district, and the city, at the mean of its segments' midpoints."""
+    out: dict[str, tuple[float, float]] = {}
+    for district in [*(d.id for d in city.districts), "city"]:
         points = [middle[s.id] for s in city.segments if district in (s.district, "city")]
         if points:
             lat, lon = np.mean(points, axis=0)
-            positions[district] = (round(float(lat), 6), round(float(lon), 6))
-    return positions
+            out[district] = (round(float(lat), 6), round(float(lon), 6))
+    return out

@@ -402,8 +402,9 @@ class AnalyticsEngine:
             "delay_proportion": links.dtp[ok], "tpi": links.tpi[ok],
             "level": links.level[ok].astype(np.int64), "los": links.los[ok].astype(object),
             "vc": links.vc[ok], "imputed": links.imputed[ok],
-            "lat": m.link_lat[ok], "lon": m.link_lon[ok],
         }  # fmt: skip
+        if window == "5m":  # maps read the 5-minute window: positions there only
+            fields |= {"lat": m.link_lat[ok], "lon": m.link_lon[ok]}
         return encode_table(prefixes[ok].tolist(), _rounded(fields), end)
 
     def _district_lines(self, r: Rollup, window: str, end: int) -> list[str]:
@@ -504,7 +505,7 @@ class AnalyticsEngine:
     def _observe(self, out: Output, observation: Observation) -> None:
         for alert in self.alerts.evaluate(observation):
             out.alerts.append(alert)
-            out.lines.append(alert_line(alert, position=self.model.positions.get(alert.entity)))
+            out.lines.append(alert_line(alert, position=self.model.position(alert.entity)))
             if self.notify is not None:
                 self.notify(alert)
 
@@ -512,7 +513,9 @@ class AnalyticsEngine:
         alert = self.alerts.acknowledge(alert_id, by)
         if alert is None:
             return None, []
-        return alert, [alert_line(alert, time.time_ns(), self.model.positions.get(alert.entity))]
+        # at the time of the alert's current state, not the wall clock: the acknowledged flag
+        # updates that point, and a replay's later clearing is never older than the ack
+        return alert, [alert_line(alert, position=self.model.position(alert.entity))]
 
     # -- checkpoints ---------------------------------------------------------------------
     def recovery_since_ns(self, now_ns: int | None = None) -> int:

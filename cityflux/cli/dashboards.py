@@ -106,7 +106,8 @@ def push_command(
         raise typer.Exit(2)
     try:
         api = connect(grafana_url, token=token, user=user, password=password)
-        report = push(api, datasource(loaded.influx, influx_url), dashboards, grafana_url)
+        source = datasource(loaded.influx, influx_url, loaded.metrics.health_interval_s)
+        report = push(api, source, dashboards, grafana_url)
     except PushError as exc:
         console.print(f"[red]push failed:[/] {exc}")
         raise typer.Exit(1) from exc

@@ -5,7 +5,13 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as dash
 
 from cityflux.dashboards import panels
-from cityflux.dashboards.common import WHERE_DISTRICT, active_alerts, district_frame, severity_stat
+from cityflux.dashboards.common import (
+    ALERT_COLUMNS,
+    WHERE_DISTRICT,
+    active_alerts,
+    district_frame,
+    severity_stat,
+)
 from cityflux.dashboards.influxql import Query
 
 UID = "cityflux-alerts"
@@ -22,10 +28,11 @@ def build() -> dash.Dashboard:
         .with_panel(severity_stat("Active alerts by severity", 24, 4, in_district=True))
         .with_panel(
             panels.grid(
-                "Active alerts (time: raised)",
+                "Active alerts now (time: active since)",
                 Query(
                     active_alerts(
-                        '"message", "value", "acknowledged", "flapping"', in_district=True
+                        f'{ALERT_COLUMNS}, "message", "value", "acknowledged", "flapping"',
+                        in_district=True,
                     )
                 ).table(),
                 width=24,

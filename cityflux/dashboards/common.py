@@ -67,21 +67,29 @@ def alert_annotations(rules: str = ".*", district: bool = False) -> dash.Annotat
 
 
 # the newest state of each alert (one series per rule and entity), kept if still active
+# A point is written only when an alert changes state, so "active now" cannot look at the
+# dashboard's range alone (an alert raised a day ago and still active has no point in the
+# last 6 hours): the newest state within a year, whatever the time picker says.
 ACTIVE_ALERTS = """SELECT {fields} FROM (SELECT last("state") AS "state", "lat", "lon", \
-"message", "value", "acknowledged", "flapping" FROM "cityflux_alert" WHERE {where}$timeFilter \
-GROUP BY "rule", "severity", "district", "entity") WHERE "state" = 'active'"""
+"message", "value", "acknowledged", "flapping" FROM "cityflux_alert" WHERE {where}\
+time > now() - 365d GROUP BY "rule", "severity", "district", "entity") WHERE "state" = 'active'"""
 IN_DISTRICT = '"district" =~ /^$district$/ AND '
+ALERT_COLUMNS = '"rule", "severity", "entity", "district"'  # the tags the subquery grouped by
+SEVERITY_COLOURS = {"critical": "red", "major": "orange", "minor": "yellow", "warning": "blue"}
 
 
 def active_alerts(fields: str, in_district: bool = False) -> str:
-    """A query for the alerts active at the end of the time range (their newest state)."""
+    """A query for the alerts active now (their newest state is "active")."""
     return ACTIVE_ALERTS.format(fields=fields, where=IN_DISTRICT if in_district else "")
 
 
 def severity_stat(title: str, width: int, height: int, in_district: bool = False) -> stat.Panel:
-    """How many alerts are active, one number per severity."""
+    """How many alerts are active now, one number per severity, in the severity's colour."""
     query = active_alerts('count("state")', in_district) + ' GROUP BY "severity"'
-    return panels.single_stat(
+    panel = panels.single_stat(
         title, Query(query).alias("$tag_severity"), width=width, height=height,
         steps=panels.SEVERITY_STEPS, no_value="0",
     )  # fmt: skip
+    for severity, colour in SEVERITY_COLOURS.items():
+        panel = panel.override_by_name(severity, [panels.fixed_colour(colour)])
+    return panel

@@ -68,6 +68,8 @@ def build() -> dash.Dashboard:
                 width=24,
                 height=12,
                 sort_by="water cm",
+                # manholes report every 5 minutes; one silent longer has a manhole_silent alert
+                time_from="1h",
             )
         )
     )

@@ -5,7 +5,13 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as dash
 
 from cityflux.dashboards import panels
-from cityflux.dashboards.common import active_alerts, alert_annotations, frame, severity_stat
+from cityflux.dashboards.common import (
+    ALERT_COLUMNS,
+    active_alerts,
+    alert_annotations,
+    frame,
+    severity_stat,
+)
 from cityflux.dashboards.influxql import Query
 
 UID = "cityflux-overview"
@@ -49,7 +55,7 @@ def build() -> dash.Dashboard:
                 description="Share of road length with data at congestion level 4-5",
             )
         )
-        .with_panel(severity_stat("Active alerts", 4, 4))
+        .with_panel(severity_stat("Active alerts now", 4, 4))
         .with_panel(
             panels.time_series(
                 "TPI trend",
@@ -75,8 +81,7 @@ def build() -> dash.Dashboard:
                     'GROUP BY "segment", "direction"'
                 ).table(),
                 Query(
-                    active_alerts('"lat", "lon", "message", "rule", "severity", "entity"')
-                    + ' AND "lat" > -90'
+                    active_alerts(f'"lat", "lon", {ALERT_COLUMNS}, "message"') + ' AND "lat" > -90'
                 )
                 .ref_id("B")
                 .table(),
@@ -85,6 +90,7 @@ def build() -> dash.Dashboard:
                     panels.points_layer("Active alerts", "B", None, "red"),
                 ],
                 steps=panels.LEVEL_STEPS,
+                time_from="15m",  # where things stand now; last() over hours costs on a big city
                 description="Road segments coloured by GB/T 33171 level (1 smooth - 5 severe); "
                 "red: entities with an active alert",
             )
@@ -104,8 +110,8 @@ def build() -> dash.Dashboard:
         )
         .with_panel(
             panels.grid(
-                "Alerting now",
-                Query(active_alerts('"state", "message"')).table(),
+                "Alerting now (time: active since)",
+                Query(active_alerts(f'{ALERT_COLUMNS}, "message", "value"')).table(),
                 sort_by="Time",
             )
         )

@@ -11,6 +11,7 @@ from grafana_foundation_sdk.builders import gauge, geomap, stat, statetimeline, 
 from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog import variants as cogvariants
 from grafana_foundation_sdk.models import common, dashboard
+from grafana_foundation_sdk.models import geomap as geomap_model
 
 from cityflux.dashboards.influxql import DATASOURCE, DATASOURCE_TYPE, Query
 
@@ -53,16 +54,24 @@ class _PanelBuilder(Protocol):
     def targets(self, targets: list[cogbuilder.Builder[cogvariants.Dataquery]]) -> Self: ...
     def span(self, w: int) -> Self: ...
     def height(self, h: int) -> Self: ...
+    def time_from(self, time_from: str) -> Self: ...
 
 
 P = TypeVar("P", bound=_PanelBuilder)
 
 
 def _framed(
-    panel: P, title: str, queries: tuple[Query, ...], width: int, height: int, description: str
+    panel: P,
+    title: str,
+    queries: tuple[Query, ...],
+    width: int,
+    height: int,
+    description: str,
+    time_from: str | None = None,
 ) -> P:
-    """A panel on the cityflux data source, with its title, queries and size."""
-    return (
+    """A panel on the cityflux data source, with its title, queries and size; ``time_from``
+    gives it its own range, the last this long ("15m"), as "now" panels want."""
+    framed = (
         panel.title(title)
         .description(description)
         .datasource(DATASOURCE)
@@ -70,6 +79,7 @@ def _framed(
         .span(width)
         .height(height)
     )
+    return framed.time_from(time_from) if time_from else framed
 
 
 def time_series(
@@ -114,9 +124,10 @@ def single_stat(
     steps: list[tuple[float | None, str]] | None = None,
     description: str = "",
     no_value: str | None = None,
+    time_from: str | None = None,
 ) -> stat.Panel:
     panel = (
-        _framed(stat.Panel(), title, queries, width, height, description)
+        _framed(stat.Panel(), title, queries, width, height, description, time_from)
         .unit(unit)
         .reduce_options(_last())
         .color_mode(common.BigValueColorMode.BACKGROUND)
@@ -155,9 +166,10 @@ def grid(
     height: int = 8,
     sort_by: str | None = None,
     description: str = "",
+    time_from: str | None = None,
 ) -> table.Panel:
     panel = (
-        _framed(table.Panel(), title, queries, width, height, description)
+        _framed(table.Panel(), title, queries, width, height, description, time_from)
         # InfluxQL returns one frame per series: merged, each series is one row
         .with_transformation(dashboard.DataTransformerConfig(id_val="merge", options={}))
     )
@@ -244,10 +256,12 @@ def city_map(
     width: int = 24,
     height: int = 14,
     description: str = "",
+    time_from: str | None = None,
 ) -> geomap.Panel:
     return (
-        _framed(geomap.Panel(), title, queries, width, height, description)
+        _framed(geomap.Panel(), title, queries, width, height, description, time_from)
         .view(geomap.MapViewConfig().id("fit").zoom(12).all_layers(True))
+        .tooltip(geomap.TooltipOptions().mode(geomap_model.TooltipMode.DETAILS))
         .basemap(common_builders.MapLayerOptions().type("default").name("Basemap"))
         .layers(layers)
         .thresholds(thresholds(steps))
@@ -255,8 +269,18 @@ def city_map(
     )
 
 
-def row(title: str) -> dash.Row:
-    return dash.Row(title)
+def fixed_colour(colour: str) -> dashboard.DynamicConfigValue:
+    """A field override: always this colour."""
+    return dashboard.DynamicConfigValue(
+        id_val="color", value={"mode": "fixed", "fixedColor": colour}
+    )
+
+
+def rename_by_regex(regex: str, pattern: str) -> dashboard.DataTransformerConfig:
+    """Rename series: regex columns come back as ``last_rejections_total.schema``."""
+    return dashboard.DataTransformerConfig(
+        id_val="renameByRegex", options={"regex": regex, "renamePattern": pattern}
+    )
 
 
 __all__ = ["DATASOURCE_TYPE", "AnyPanel"]
@@ -274,6 +298,7 @@ def tag_variable(
     expanding to every value, which keeps the queries short on a large city."""
     variable = (
         dash.QueryVariable(name)
+        .id(name)  # the SDK gives every variable the same zero uuid
         .label(label)
         .datasource(DATASOURCE)
         .query(query)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.builders import stat
 
 from cityflux.dashboards import panels
 from cityflux.dashboards.common import frame
@@ -13,12 +14,31 @@ UID = "cityflux-pipeline"
 
 HEALTH = 'FROM "cityflux_pipeline" WHERE $timeFilter'
 BY_WORKER = 'GROUP BY time($__interval), "worker" fill(none)'
-# the counters only grow (per worker, from its start): rates are their derivative, and a
-# histogram's mean over an interval is the growth of its sum over the growth of its count
+# the counters only grow (per worker, from its start): rates are their derivative
 RATE = "non_negative_derivative(max({field}), 1s)"  # field: "name" or a /regex/
 ACCEPTED = RATE.format(field=r"/^readings_accepted_total\./")
 REJECTED = RATE.format(field=r"/^rejections_total\./")
-MEAN = 'non_negative_difference(max("{name}_sum")) / non_negative_difference(max("{name}_count"))'
+# a histogram's mean over an interval: the growth of its sum over the growth of its count,
+# where anything was counted (0/0 would read as a mean of 0)
+MEAN = """SELECT "sum" / "count" AS "{label}" FROM (SELECT \
+non_negative_difference(max("{name}_sum")) AS "sum", \
+non_negative_difference(max("{name}_count")) AS "count" {health} {by_worker}) \
+WHERE "count" > 0 GROUP BY "worker\""""
+# status panels look at the last two minutes only: a worker (or the database it writes its
+# health to) that stopped reporting shows "no data", not its last good value
+NOW = "2m"
+UP_DOWN = [(None, "red"), (1.0, "green")]
+
+
+def _status(title: str, field: str, description: str) -> stat.Panel:
+    return panels.single_stat(
+        title,
+        Query(f'SELECT last("{field}") {HEALTH} GROUP BY "worker"').alias("$tag_worker"),
+        steps=UP_DOWN,
+        no_value="no data",
+        time_from=NOW,
+        description=description,
+    )
 
 
 def build() -> dash.Dashboard:
@@ -29,41 +49,28 @@ def build() -> dash.Dashboard:
             "Throughput, rejections, writes, spool and lag",
             since="now-1h",
         )
-        .with_panel(
-            panels.single_stat(
-                "InfluxDB reachable",
-                Query(f'SELECT last("database_up") {HEALTH} GROUP BY "worker"').alias(
-                    "$tag_worker"
-                ),
-                steps=[(None, "red"), (1.0, "green")],
-            )
-        )
-        .with_panel(
-            panels.single_stat(
-                "MQTT connected",
-                Query(f'SELECT last("mqtt_connected") {HEALTH} GROUP BY "worker"').alias(
-                    "$tag_worker"
-                ),
-                steps=[(None, "red"), (1.0, "green")],
-            )
-        )
+        .with_panel(_status("InfluxDB reachable", "database_up", "Per worker, 1 = writes succeed"))
+        .with_panel(_status("MQTT connected", "mqtt_connected", "Per worker, 1 = connected"))
         .with_panel(
             panels.single_stat(
                 "Spool",
-                Query(f'SELECT last("spool_bytes") {HEALTH}'),
+                Query(f'SELECT last("spool_bytes") {HEALTH} GROUP BY "worker"').alias(
+                    "$tag_worker"
+                ),
                 unit="bytes",
                 steps=[(None, "green"), (1.0, "orange")],
+                no_value="no data",
+                time_from=NOW,
                 description="Lines waiting on disk for InfluxDB (0 when healthy)",
             )
         )
         .with_panel(
             panels.single_stat(
-                "Rejected (total)",
-                Query(f'SELECT last(/^rejections_total\\./) {HEALTH} GROUP BY "worker"').alias(
-                    "$tag_worker $col"
-                ),
+                "Rejected since start",
+                Query(f"SELECT last(/^rejections_total\\./) {HEALTH}"),
                 steps=[(None, "green"), (1.0, "orange")],
-            )
+                time_from=NOW,
+            ).with_transformation(panels.rename_by_regex(r".*rejections_total\.(.*)", "$1"))
         )
         .with_panel(
             panels.time_series(
@@ -80,6 +87,8 @@ def build() -> dash.Dashboard:
                 "Readings accepted per second, by kind",
                 Query(f"SELECT {ACCEPTED} {HEALTH} {BY_WORKER}").alias("$tag_worker $col"),
                 unit="reqps",
+            ).with_transformation(
+                panels.rename_by_regex(r"(.*) .*readings_accepted_total\.(.*)", "$2 ($1)")
             )
         )
         .with_panel(
@@ -87,6 +96,8 @@ def build() -> dash.Dashboard:
                 "Rejections per second, by reason",
                 Query(f"SELECT {REJECTED} {HEALTH} {BY_WORKER}").alias("$tag_worker $col"),
                 unit="reqps",
+            ).with_transformation(
+                panels.rename_by_regex(r"(.*) .*rejections_total\.(.*)", "$2 ($1)")
             )
         )
         .with_panel(
@@ -102,9 +113,11 @@ def build() -> dash.Dashboard:
         .with_panel(
             panels.time_series(
                 "Write latency (mean per interval)",
-                Query(f"SELECT {MEAN.format(name='write_seconds')} {HEALTH} {BY_WORKER}").alias(
-                    "$tag_worker"
-                ),
+                Query(
+                    MEAN.format(
+                        label="write", name="write_seconds", health=HEALTH, by_worker=BY_WORKER
+                    )
+                ).alias("$tag_worker"),
                 unit="s",
             )
         )
@@ -123,8 +136,9 @@ def build() -> dash.Dashboard:
                     "$tag_worker $col"
                 ),
                 Query(
-                    f'SELECT {MEAN.format(name="ack_lag_seconds")} AS "ack lag" '
-                    f"{HEALTH} {BY_WORKER}"
+                    MEAN.format(
+                        label="ack lag", name="ack_lag_seconds", health=HEALTH, by_worker=BY_WORKER
+                    )
                 )
                 .ref_id("B")
                 .alias("$tag_worker $col"),

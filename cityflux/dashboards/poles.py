@@ -54,14 +54,15 @@ def build() -> dash.Dashboard:
         )
         .with_panel(
             panels.time_series(
-                "Noise: hourly Leq against the zone limit",
+                "Noise: hourly Leq over the zone limit (worst pole)",
                 Query(
-                    'SELECT max("leq_1h_dba") AS "Leq 1h (loudest pole)", '
-                    'min("limit_dba") AS "limit" '
+                    'SELECT max("exceed_dba") AS "over the limit" '
                     f'FROM "noise" {WHERE_DISTRICT} {BY_DISTRICT}'
-                ).alias("$tag_district $col"),
+                ).alias("$tag_district"),
                 unit="dB",
-                description="GB 3096 limits by acoustic zone, day/night",
+                steps=[(None, "green"), (0.0, "orange"), (5.0, "red")],
+                description="Leq 1h minus the GB 3096 limit of the pole's acoustic zone (day or "
+                "night); above 0 the pole is over its limit",
             )
         )
         .with_panel(

@@ -38,16 +38,19 @@ class PushReport:
     updated: list[str] = field(default_factory=list)
 
 
-def datasource(influx: InfluxConfig, url: str | None = None) -> dict[str, Any]:
+def datasource(
+    influx: InfluxConfig, url: str | None = None, min_interval_s: float = MIN_INTERVAL_S
+) -> dict[str, Any]:
     """The data source as Grafana's API takes it: InfluxQL against ``url`` (InfluxDB as Grafana
-    reaches it; default ``influx.url``), database and credentials from the configuration.
-    InfluxDB 2.x/3.x answer InfluxQL for a bucket with a token (docs/dashboards.md)."""
+    reaches it; default ``influx.url``), database and credentials from the configuration, and
+    cityflux's health interval as the minimum bucket width. InfluxDB 2.x/3.x answer InfluxQL
+    for a bucket with a token (docs/dashboards.md)."""
     database = influx.bucket if influx.api == "v2" else influx.database
     json_data: dict[str, Any] = {
         "version": "InfluxQL",
         "dbName": database,
         "httpMode": "POST",
-        "timeInterval": f"{MIN_INTERVAL_S}s",
+        "timeInterval": f"{max(1, round(min_interval_s))}s",
     }
     secure: dict[str, str] = {}
     payload: dict[str, Any] = {

@@ -95,6 +95,7 @@ def build() -> dash.Dashboard:
                 width=24,
                 height=10,
                 sort_by="TPI",
+                time_from="15m",
             )
         )
     )

@@ -18,9 +18,19 @@ from typing import Any
 from cityflux.errors import StoreError
 from cityflux.store.influx import InfluxWriter
 
-MAX_DATA_POINTS = 1_000  # Grafana's default for a panel about 1,000 pixels wide
+MAX_DATA_POINTS = 1_000  # Grafana's resolution for a panel about 1,000 pixels wide
 MIN_INTERVAL_S = 10  # the data source's "min time interval" (deploy/grafana/provisioning)
-NICE_INTERVALS_S = [1, 10, 20, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400]
+# Grafana's roundInterval (rangeutil.ts): (below this many ms, round to this many ms)
+ROUNDING_MS = [
+    (15, 10), (35, 20), (75, 50), (150, 100), (350, 200), (750, 500), (1_500, 1_000),
+    (3_500, 2_000), (7_500, 5_000), (12_500, 10_000), (17_500, 15_000), (25_000, 20_000),
+    (45_000, 30_000), (90_000, 60_000), (210_000, 120_000), (450_000, 300_000),
+    (750_000, 600_000), (1_050_000, 900_000), (1_500_000, 1_200_000), (2_700_000, 1_800_000),
+    (5_400_000, 3_600_000), (9_000_000, 7_200_000), (16_200_000, 10_800_000),
+    (32_400_000, 21_600_000), (86_400_000, 43_200_000), (604_800_000, 86_400_000),
+    (1_814_400_000, 604_800_000), (3_628_800_000, 2_592_000_000),
+]  # fmt: skip
+YEAR_MS = 31_536_000_000
 
 
 @dataclass(slots=True)
@@ -44,6 +54,7 @@ class Target:
     ref_id: str
     query: str
     min_interval: str | None
+    time_from: str | None = None  # the panel's own range: the last this long of the dashboard's
 
 
 def targets(dashboard: dict[str, Any]) -> Iterator[Target]:
@@ -56,6 +67,7 @@ def targets(dashboard: dict[str, Any]) -> Iterator[Target]:
                     target.get("refId", "A"),
                     target["query"],
                     panel.get("interval"),
+                    panel.get("timeFrom"),
                 )
     for annotation in dashboard.get("annotations", {}).get("list", []):
         target = annotation.get("target") or {}
@@ -73,12 +85,12 @@ def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 def interval_for(
     start_ns: int, end_ns: int, min_interval: str | None, floor_s: int = MIN_INTERVAL_S
 ) -> str:
-    """Grafana's ``$__interval``: the range over max data points, rounded to a nice width,
-    never below the panel's minimum nor the data source's (``floor_s``)."""
-    floor_s = max(floor_s, _seconds(min_interval) if min_interval else 0)
-    raw_s = (end_ns - start_ns) / 1e9 / MAX_DATA_POINTS
-    width = next((n for n in NICE_INTERVALS_S if n >= raw_s), NICE_INTERVALS_S[-1])
-    return _duration(max(width, floor_s))
+    """Grafana's ``$__interval``: the range over the resolution, rounded by its table, then
+    raised to the panel's minimum or the data source's (``floor_s``) if below."""
+    raw_ms = (end_ns - start_ns) / 1e6 / MAX_DATA_POINTS
+    rounded_ms = next((to for below, to in ROUNDING_MS if raw_ms < below), YEAR_MS)
+    floor_ms = 1000 * max(floor_s, _seconds(min_interval) if min_interval else 0)
+    return _duration(max(rounded_ms, floor_ms))
 
 
 def _seconds(duration: str) -> int:
@@ -86,11 +98,11 @@ def _seconds(duration: str) -> int:
     return int(number) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
-def _duration(seconds: int) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+def _duration(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
 
 
 def expand(query: str, start_ns: int, end_ns: int, interval: str, values: dict[str, str]) -> str:
@@ -144,8 +156,11 @@ def verify(
     values = variable_values(influx, dashboard, start_ns, end_ns)
     checks = []
     for target in targets(dashboard):
-        interval = interval_for(start_ns, end_ns, target.min_interval, min_interval_s)
-        sent = expand(target.query, start_ns, end_ns, interval, values)
+        start = start_ns
+        if target.time_from:  # as Grafana's relative time override, from the range's end
+            start = max(start_ns, end_ns - _seconds(target.time_from) * 1_000_000_000)
+        interval = interval_for(start, end_ns, target.min_interval, min_interval_s)
+        sent = expand(target.query, start, end_ns, interval, values)
         check = Check(name, target.panel, target.ref_id, sent)
         try:
             _count(influx.query(sent), check)

@@ -4,6 +4,7 @@
 #   MQTT_OPERATOR_PASSWORD   account "operator" (optional)
 #   MQTT_SIMULATOR_PASSWORD  account "simulator" (optional; demo deployments)
 #   MQTT_DEVICES_FILE        optional file of "device_id:password" lines, one per device
+#                            (skipped if the file does not exist)
 # Usage: make-passwd.sh /path/to/passwd   (needs mosquitto_passwd, from mosquitto)
 set -eu
 out="${1:?usage: make-passwd.sh PASSWORD_FILE}"
@@ -19,7 +20,7 @@ fi
 if [ -n "${MQTT_SIMULATOR_PASSWORD:-}" ]; then
   mosquitto_passwd -b "$tmp" simulator "$MQTT_SIMULATOR_PASSWORD"
 fi
-if [ -n "${MQTT_DEVICES_FILE:-}" ]; then
+if [ -n "${MQTT_DEVICES_FILE:-}" ] && [ -f "$MQTT_DEVICES_FILE" ]; then
   while IFS=: read -r device password; do
     [ -n "$device" ] && mosquitto_passwd -b "$tmp" "$device" "$password"
   done < "$MQTT_DEVICES_FILE"

@@ -76,7 +76,7 @@ def test_panels_show_what_the_pipeline_wrote(
     store = AlertStore(config.analytics.alerts_db)
     active = store.select("state=?", ("active",))
     store.close()
-    stat = _sent(db, overview, by_title["Active alerts"], "A", start, end)
+    stat = _sent(db, overview, by_title["Active alerts now"], "A", start, end)
     per_severity = {r["severity"]: r["count"] for r in select(db, stat)}
     expected: dict[str, int] = {}
     for alert in active:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from cityflux.config import Config
+from cityflux.ingest.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto
-from tests.support import ROOT, wait_for
+from cityflux.store.influx import InfluxWriter
+from tests.support import ROOT, count_points, running, wait_for
 
 MOSQUITTO = ROOT / "deploy" / "mosquitto"
 PASSWORDS = {"cityflux": "pw-cityflux", "operator": "pw-operator", "simulator": "pw-sim",
@@ -130,8 +134,12 @@ def test_a_device_publishes_under_its_own_topic_only(clients: Any) -> None:
     assert device.publish("cityflux/v1/centre/pole/pole-0001/status") == 0
     assert device.publish("cityflux/v1/riverside/pole/pole-0001") == 0  # any district
     # another device's topic, a deeper topic, the dead letters, the alerts: refused
-    for topic in ("cityflux/v1/centre/pole/pole-0002", "cityflux/v1/centre/pole/pole-0001/x",
-                  "cityflux/v1/deadletter/schema", "cityflux/v1/alerts/ack"):  # fmt: skip
+    refused = [
+        "cityflux/v1/centre/pole/pole-0002", "cityflux/v1/centre/pole/pole-0001/x",
+        "cityflux/v1/deadletter/schema", "cityflux/v1/alerts/ack",
+        "cityflux/v1/deadletter/schema/pole-0001", "cityflux/v1/centre/lamp/pole-0001",
+    ]  # fmt: skip
+    for topic in refused:
         assert device.publish(topic) == NOT_AUTHORIZED, topic
     assert wait_for(lambda: len(cityflux.received) >= 3, 5)
     assert sorted(cityflux.received) == [
@@ -158,3 +166,28 @@ def test_wrong_passwords_and_strangers_are_refused(clients: Any) -> None:
     assert clients("pole-0001", "pw-pole-2").connect_code == NOT_AUTHORIZED
     assert clients("pole-9999", "whatever").connect_code == NOT_AUTHORIZED
     assert clients("pole-0001").connect_code == 0
+
+
+def test_cityflux_ingests_through_the_shipped_broker_as_its_own_account(
+    broker: ShippedMosquitto, config: Config, db: InfluxWriter, clients: Any
+) -> None:
+    """The real consumer under the ACL: it reads a device's reading, writes it to InfluxDB,
+    and publishes the dead letter of a bad one and its own health, all allowed for it."""
+    operator = clients("operator")
+    operator.client.subscribe("cityflux/v1/#", qos=1)
+    run_config = config.with_overrides(
+        {"mqtt.username": "cityflux", "mqtt.password": PASSWORDS["cityflux"]}
+    )
+    device = clients("pole-0001")
+    with running(Pipeline(run_config)):
+        ts = int(time.time() * 1000)
+        good = device.client.publish(
+            "cityflux/v1/centre/pole/pole-0001", f'{{"ts": {ts}, "noise_dba": 61.5}}', qos=1
+        )
+        good.wait_for_publish(10)
+        device.client.publish("cityflux/v1/centre/pole/pole-0001", b"{not json", qos=1)
+        assert wait_for(lambda: count_points(db, "pole", "noise_dba") == 1, 20)
+        assert wait_for(
+            lambda: any(t.startswith("cityflux/v1/deadletter/") for t in operator.received), 20
+        )
+    assert any(t.startswith("cityflux/v1/health/") for t in operator.received)

@@ -90,9 +90,10 @@ def test_grafana_macros_expand_like_grafana() -> None:
         "GROUP BY time(10s)"
     )
     hour, week = 3600 * 10**9, 7 * 86400 * 10**9
-    assert interval_for(0, hour, None) == "10s"  # 3.6 s raw: the data source's minimum
-    assert interval_for(0, week, None) == "15m"  # 605 s raw: the next nice width up
-    assert interval_for(0, hour, None, floor_s=1) == "10s"
+    assert interval_for(0, hour, None) == "10s"  # 3.6 s raw, rounded to 5 s: the minimum
+    assert interval_for(0, hour, None, floor_s=1) == "5s"
+    assert interval_for(0, 6 * hour, None) == "20s"  # 21.6 s raw, as Grafana rounds it
+    assert interval_for(0, week, None) == "10m"  # 605 s raw
     assert interval_for(0, 10**9 * 60, "30s") == "30s"  # the panel's own minimum
 
 
@@ -185,4 +186,4 @@ def test_docs_list_every_panel() -> None:
     for name, dashboard in committed().items():
         assert f"`{name}`" in docs
         for panel in dashboard["panels"]:
-            assert f"| {panel['title']} | {panel['type']} |" in docs, panel["title"]
+            assert f"| {panel['title']} | {panel['type']} | " in docs, panel["title"]
