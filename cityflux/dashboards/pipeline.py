@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import dashboard as dash
-from grafana_foundation_sdk.builders import stat
+from grafana_foundation_sdk.builders import stat, timeseries
 
 from cityflux.dashboards import panels
 from cityflux.dashboards.common import frame
@@ -16,8 +16,6 @@ HEALTH = 'FROM "cityflux_pipeline" WHERE $timeFilter'
 BY_WORKER = 'GROUP BY time($__interval), "worker" fill(none)'
 # the counters only grow (per worker, from its start): rates are their derivative
 RATE = "non_negative_derivative(max({field}), 1s)"  # field: "name" or a /regex/
-ACCEPTED = RATE.format(field=r"/^readings_accepted_total\./")
-REJECTED = RATE.format(field=r"/^rejections_total\./")
 # a histogram's mean over an interval: the growth of its sum over the growth of its count,
 # where anything was counted (0/0 would read as a mean of 0)
 MEAN = """SELECT "sum" / "count" AS "{label}" FROM (SELECT \
@@ -39,6 +37,17 @@ def _status(title: str, field: str, description: str) -> stat.Panel:
         time_from=NOW,
         description=description,
     )
+
+
+def _rates_by_label(title: str, counter: str) -> timeseries.Panel:
+    """The per-second rate of each label of a labelled counter (``rejections_total.schema``,
+    ``rejections_total.bad_topic``...: one field per label), named "label (worker)"."""
+    rate = RATE.format(field=f"/^{counter}_total\\./")
+    return panels.time_series(
+        title,
+        Query(f"SELECT {rate} {HEALTH} {BY_WORKER}").alias("$tag_worker $col"),
+        unit="reqps",
+    ).with_transformation(panels.rename_by_regex(rf"(.*) .*{counter}_total\.(.*)", "$2 ($1)"))
 
 
 def build() -> dash.Dashboard:
@@ -82,24 +91,8 @@ def build() -> dash.Dashboard:
                 unit="reqps",
             )
         )
-        .with_panel(
-            panels.time_series(
-                "Readings accepted per second, by kind",
-                Query(f"SELECT {ACCEPTED} {HEALTH} {BY_WORKER}").alias("$tag_worker $col"),
-                unit="reqps",
-            ).with_transformation(
-                panels.rename_by_regex(r"(.*) .*readings_accepted_total\.(.*)", "$2 ($1)")
-            )
-        )
-        .with_panel(
-            panels.time_series(
-                "Rejections per second, by reason",
-                Query(f"SELECT {REJECTED} {HEALTH} {BY_WORKER}").alias("$tag_worker $col"),
-                unit="reqps",
-            ).with_transformation(
-                panels.rename_by_regex(r"(.*) .*rejections_total\.(.*)", "$2 ($1)")
-            )
-        )
+        .with_panel(_rates_by_label("Readings accepted per second, by kind", "readings_accepted"))
+        .with_panel(_rates_by_label("Rejections per second, by reason", "rejections"))
         .with_panel(
             panels.time_series(
                 "Dead letters, by reason",
