@@ -505,7 +505,7 @@ class AnalyticsEngine:
     def _observe(self, out: Output, observation: Observation) -> None:
         for alert in self.alerts.evaluate(observation):
             out.alerts.append(alert)
-            out.lines.append(alert_line(alert, position=self.model.position(alert.entity)))
+            out.lines.append(alert_line(alert, self.model.position(alert.entity)))
             if self.notify is not None:
                 self.notify(alert)
 
@@ -515,7 +515,7 @@ class AnalyticsEngine:
             return None, []
         # at the time of the alert's current state, not the wall clock: the acknowledged flag
         # updates that point, and a replay's later clearing is never older than the ack
-        return alert, [alert_line(alert, position=self.model.position(alert.entity))]
+        return alert, [alert_line(alert, self.model.position(alert.entity))]
 
     # -- checkpoints ---------------------------------------------------------------------
     def recovery_since_ns(self, now_ns: int | None = None) -> int:
@@ -616,11 +616,9 @@ def resolve_map(path: str) -> Path:
     return shipped if shipped.exists() else candidate
 
 
-def alert_line(
-    alert: Alert, ts_ns: int | None = None, position: tuple[float, float] | None = None
-) -> str:
-    """The alert's state change as a point, so dashboards can annotate it (and map it, at the
-    entity's ``position``)."""
+def alert_line(alert: Alert, position: tuple[float, float] | None = None) -> str:
+    """The alert's current state as a point at the time it took that state, so dashboards can
+    annotate it (and map it, at the entity's ``position``)."""
     fields: dict[str, FieldValue] = {
         "alert_id": alert.id, "state": alert.state, "acknowledged": alert.acknowledged,
         "flapping": alert.flapping,
@@ -634,8 +632,7 @@ def alert_line(
         {"rule": alert.rule, "severity": alert.severity, "district": alert.district,
          "entity": alert.entity},
         fields,
-        ts_ns if ts_ns is not None else (
-            alert.cleared_ns if alert.state == "cleared" else alert.started_ns),
+        alert.cleared_ns if alert.state == "cleared" else alert.started_ns,
     )  # fmt: skip
 
 

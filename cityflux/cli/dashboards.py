@@ -60,10 +60,10 @@ def verify_command(
     end = until_ns or time.time_ns()
     start = end - round(since * 3600e9)
     influx = InfluxWriter(loaded.influx)
+    floor = min_interval or max(1, round(loaded.metrics.health_interval_s))
     checks: list[Check] = []
     try:
         for path in sorted(directory.glob("*.json")):
-            floor = min_interval or max(1, round(loaded.metrics.health_interval_s))
             checks += verify(influx, path.name, catalog.load(path), start, end, floor)
     except CityfluxError as exc:
         console.print(f"[red]cannot query InfluxDB:[/] {exc}")

@@ -50,19 +50,17 @@ def city_generate(
     ] = None,
 ) -> None:
     """Generate a city map (deterministic for a seed), optionally with a GeoJSON export."""
-    spec = (
-        CitySpec.for_devices(devices, seed)
-        if devices
-        else CitySpec(
-            seed=seed, districts=districts, road_km=road_km, poles=poles, manholes=manholes
-        )
-    )
     if scenario:  # the same map the simulator's run of that scenario uses
         try:
             city = Simulation(load_scenario(scenario), time.time()).city
         except CityfluxError as exc:
             raise _fail(exc) from exc
+    elif devices:
+        city = generate_city(CitySpec.for_devices(devices, seed))
     else:
+        spec = CitySpec(
+            seed=seed, districts=districts, road_km=road_km, poles=poles, manholes=manholes
+        )
         city = generate_city(spec)
     out.write_bytes(msgspec.json.format(msgspec.json.encode(city)))
     if geojson:

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from typer.testing import CliRunner
 
 from cityflux.analytics.alerts import AlertStore
+from cityflux.cli import app
 from cityflux.cli.scenario import execute
 from cityflux.config import Config
 from cityflux.dashboards import catalog
-from cityflux.dashboards.verify import Check, verify
+from cityflux.dashboards.verify import Check, targets, verify
 from cityflux.simulators.scenario import load_scenario
 from cityflux.simulators.simulation import Simulation
 from cityflux.store.influx import InfluxWriter
@@ -97,3 +99,17 @@ def _sent(db: InfluxWriter, dashboard: dict, panel: dict, ref_id: str, start: in
     checks = verify(db, "overview", {**dashboard, "panels": [panel], "annotations": {}},
                     start, end)  # fmt: skip
     return next(c.query for c in checks if c.ref_id == ref_id)
+
+
+def test_verify_command_fails_on_empty_panels(config: Config, db: InfluxWriter) -> None:
+    """`cityflux dashboards verify` against a database with nothing in it: every query runs
+    without an error, none has data, and the command says so and exits 1."""
+    env = {"CITYFLUX_INFLUX__URL": config.influx.url,
+           "CITYFLUX_INFLUX__DATABASE": config.influx.database, "COLUMNS": "200"}  # fmt: skip
+    db.ensure_database()
+    result = CliRunner().invoke(app, ["dashboards", "verify", "--since", "1"], env=env)
+    assert result.exit_code == 1, result.output
+    queries = sum(len(list(targets(d))) for d in dashboards().values())
+    assert f"0/{queries} queries return data" in result.output
+    assert "error" not in result.output.lower()
+    assert result.output.count("no data") == queries
