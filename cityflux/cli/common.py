@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.live import Live
 from rich.logging import RichHandler
 
 from cityflux.config import Config, load_config
@@ -69,3 +73,14 @@ def local_stack(
         overrides["influx.url"] = stack.enter_context(LocalInfluxDB(data_dir / "influxdb")).url
         overrides["influx.api"] = "v1"
     return load_or_exit(config_path).with_overrides(overrides)
+
+
+def redraw_while(
+    live: Live, worker: threading.Thread, duration: float, render: Callable[[], RenderableType]
+) -> None:
+    """Redraw ``live`` twice a second while ``worker`` runs, for at most ``duration`` seconds
+    (0: until it ends)."""
+    deadline = time.monotonic() + duration if duration else float("inf")
+    while worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        live.update(render())

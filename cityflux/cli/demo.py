@@ -19,7 +19,14 @@ from rich.table import Table
 
 from cityflux.analytics.alerts import Alert, AlertStore
 from cityflux.analytics.indices import TPI_LEVELS
-from cityflux.cli.common import ConfigOption, app, console, local_stack, setup_logging
+from cityflux.cli.common import (
+    ConfigOption,
+    app,
+    console,
+    local_stack,
+    redraw_while,
+    setup_logging,
+)
 from cityflux.cli.simulate import make_simulation, write_outputs
 from cityflux.config import Config
 from cityflux.errors import CityfluxError
@@ -135,15 +142,15 @@ def _run(
     def simulate() -> None:
         outcome.append(run_simulation(sim, config.mqtt, speed, stop=stop, on_progress=progress))
 
+    def redraw() -> Group:
+        state.refresh()
+        return _view(state)
+
     simulator = threading.Thread(target=simulate, name="simulator", daemon=True)
     simulator.start()
-    deadline = time.monotonic() + duration if duration else float("inf")
     try:
         with Live(_view(state), console=console, refresh_per_second=2) as live:
-            while simulator.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.5)
-                state.refresh()
-                live.update(_view(state))
+            redraw_while(live, simulator, duration, redraw)
             stop.set()
             simulator.join(timeout=60)
             pipeline.drain(at_least=outcome[0].messages if outcome else 0)

@@ -22,6 +22,7 @@ from cityflux.cli.common import (
     console,
     load_or_exit,
     local_stack,
+    redraw_while,
     setup_logging,
 )
 from cityflux.config import Config
@@ -131,12 +132,9 @@ def _run_with_status(pipeline: Pipeline, duration: float) -> None:
     worker = threading.Thread(target=pipeline.run, name="pipeline", daemon=True)
     signal.signal(signal.SIGTERM, lambda s, f: pipeline.stop())
     worker.start()
-    deadline = time.monotonic() + duration if duration else float("inf")
     try:
         with Live(_status_table(pipeline), console=console, refresh_per_second=2) as live:
-            while worker.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.5)
-                live.update(_status_table(pipeline))
+            redraw_while(live, worker, duration, lambda: _status_table(pipeline))
     except KeyboardInterrupt:
         pass
     pipeline.stop()
