@@ -56,6 +56,8 @@ class Component:
 
 
 Target = Callable[[Component], None]  # runs until stopped; beats its component on progress
+# starts a supervised thread for a lower layer that must not know the supervisor's policy
+Spawn = Callable[[str, Target], threading.Thread]
 OnRestart = Callable[[str], None]
 OnFatal = Callable[[str], None]
 
@@ -84,6 +86,12 @@ class Supervisor:
         component.thread = thread
         thread.start()
         return component
+
+    def start_thread(self, name: str, target: Target) -> threading.Thread:
+        """:meth:`spawn` as a :data:`Spawn`: the supervised thread itself."""
+        thread = self.spawn(name, target).thread
+        assert thread is not None
+        return thread
 
     def watch(self, name: str, waiting: Waiting | None = None) -> Component:
         """Watch progress of work done on a thread the supervisor does not own (the main

@@ -9,8 +9,10 @@ survives a restart: every change is written to SQLite before it is published.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
+import os
 import sqlite3
 import threading
 import tomllib
@@ -143,9 +145,12 @@ class AlertStore:
     COLUMNS: Final = tuple(Alert.__struct_fields__)
 
     def __init__(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _private(Path(path))
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk (the WAL fsynced) before the change is published; NORMAL
+        # would let a power cut roll back an alert operators already received
+        self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT,"
             " entity TEXT, district TEXT, severity TEXT, state TEXT, acknowledged INTEGER,"
@@ -209,6 +214,20 @@ class AlertStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _private(path: Path) -> None:
+    """Alerts name places and devices: the database is the owner's only (0600, its directory
+    0700 when created here). SQLite gives its -wal and -shm files the database's mode; files an
+    older version left readable are narrowed too."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # an empty file is a new SQLite database
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            info = name.stat()
+            if info.st_mode & 0o077 and info.st_uid == os.geteuid():  # ours, and readable
+                name.chmod(0o600)
 
 
 class AlertEngine:

@@ -29,6 +29,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from cityflux.analytics import checkpoint as checkpoint_file
 from cityflux.analytics.alerts import Alert, AlertEngine, AlertStore, Observation, load_rules
 from cityflux.analytics.citymodel import CityModel, lookup
 from cityflux.analytics.environment import (
@@ -38,6 +39,7 @@ from cityflux.analytics.environment import (
     pole_partials,
 )
 from cityflux.analytics.traffic import (
+    PARTIALS,
     California,
     CaliforniaThresholds,
     LinkIndices,
@@ -52,6 +54,7 @@ from cityflux.citymap import CityMap, load_city_map
 from cityflux.config import AnalyticsConfig
 from cityflux.ingest.batch import Columns
 from cityflux.store.lineprotocol import FieldValue, encode_point, encode_table, series_prefixes
+from cityflux.supervisor import Component, Spawn
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -96,6 +99,8 @@ class AnalyticsEngine:
         self.city = city or load_city_map(resolve_map(config.city_map))
         self.model = CityModel(self.city)
         self.watermark = Watermark(round(config.delay_s * NS))
+        # event time a batch can move the watermark to: the wall clock + this (docs/analytics.md)
+        self._skew_ns = round(max(config.max_clock_skew_s, 0.0) * NS)
         self.traffic = PaneBuffer(config.pane_s, config.lateness_s)
         self.poles = PaneBuffer(config.env_pane_s, config.lateness_s)
         self.station_parts: dict[int, dict[str, Array]] = {}  # pane start -> station sums
@@ -133,15 +138,23 @@ class AnalyticsEngine:
         self._deliver: Callable[[list[str]], object] = lambda lines: None
         self.restore()
 
-    def start_worker(self, deliver: Callable[[list[str]], object]) -> None:
+    def start_worker(
+        self, deliver: Callable[[list[str]], object], spawn: Spawn | None = None
+    ) -> None:
         """Compute windows on a thread of their own. ``deliver`` writes the window results
-        (durably) from that thread, so their volume never holds up ingest."""
+        (durably) from that thread, so their volume never holds up ingest. ``spawn`` starts
+        the thread under the caller's supervisor (restarted and counted if it dies)."""
         self._deliver = deliver
+        if spawn is not None:
+            self._worker = spawn("analytics", self._work)
+            return
         self._worker = threading.Thread(target=self._work, name="analytics", daemon=True)
         self._worker.start()
 
-    def _work(self) -> None:
+    def _work(self, component: Component | None = None) -> None:
         while not self._stopping.is_set():
+            if component is not None:
+                component.beat()
             self._wake.wait(0.5)
             self._wake.clear()
             out = Output()
@@ -156,8 +169,11 @@ class AnalyticsEngine:
                 self.counts["worker_errors"] += 1
 
     # -- input ---------------------------------------------------------------------------
-    def process(self, columns: dict[str, Columns]) -> Output:
+    def process(self, columns: dict[str, Columns], now_ns: int | None = None) -> Output:
+        """``now_ns``: the wall clock at arrival (default: now); event time cannot advance
+        past it + ``max_clock_skew_s``."""
         out = Output()
+        limit_ns = (now_ns or time.time_ns()) + self._skew_ns
         mapped = {kind: self._map(kind, cols) for kind, cols in columns.items()}
         self._newest_before = _newest_before(
             [c for k, (c, _) in mapped.items() if k != "status"], self.watermark.newest_ns
@@ -172,8 +188,8 @@ class AnalyticsEngine:
             readings = [(k, c, e) for k, (c, e) in mapped.items() if k != "status"]
             for kind, cols, entity in readings:
                 self._seen(kind, entity, cols.ts_ns)
-            for _, cols, _ in readings:
-                self.watermark.observe(cols.ts_ns)
+            for _, cols, _ in readings:  # a clock ahead of the wall clock moves no one's
+                self.watermark.observe(cols.ts_ns, limit_ns)
         if any(len(c) for c in columns.values()):
             self._last_data = time.monotonic()
         if self._worker is not None:
@@ -263,14 +279,17 @@ class AnalyticsEngine:
                 self._maybe_checkpoint()
         return out
 
-    def flush(self, out: Output | None = None) -> Output:
-        """Treat every reading seen so far as on time and complete: emit all open windows."""
+    def flush(self, out: Output | None = None, now_ns: int | None = None) -> Output:
+        """Treat every reading seen so far as on time and complete: emit all open windows,
+        but none beyond the wall clock + ``max_clock_skew_s`` (a clock running ahead); those
+        close on a later idle tick, once the wall clock has caught up."""
         out = out or Output()
+        limit_ns = (now_ns or time.time_ns()) + self._skew_ns
         with self._emit_lock:
             with self._panes_lock:
                 # each buffer to the end of its own pane holding the newest reading: only a
                 # minute ahead for traffic, so readings resuming after a lull are not late
-                newest = self.watermark.newest_ns
+                newest = self.watermark.newest_until(limit_ns)
                 self.watermark.forced_ns = (
                     newest // self.traffic.pane_ns + 1
                 ) * self.traffic.pane_ns
@@ -538,11 +557,17 @@ class AnalyticsEngine:
             self._checkpoint()
 
     def _checkpoint(self) -> None:
-        """Open panes, window partials, watermark and per-device state, atomically on disk.
-        (Alerts are in SQLite already.) Redelivered messages after a crash are de-duplicated
-        by the panes, so replaying what the checkpoint missed counts nothing twice."""
+        """Open panes, window partials, watermark and per-device state, atomically and
+        durably on disk (checkpoint_file.write). (Alerts are in SQLite already.) Redelivered
+        messages after a crash are de-duplicated by the panes, so replaying what the checkpoint
+        missed counts nothing twice."""
+        checkpoint_file.write(self._checkpoint_path, self._state())
+        self._last_checkpoint = time.monotonic()
+
+    def _state(self) -> dict[str, Array]:
+        w = self.watermark
         arrays: dict[str, Array] = {
-            "watermark": np.array([self.watermark.newest_ns, self.watermark.forced_ns]),
+            "watermark": np.array([w.newest_ns, w.forced_ns, w.ahead_ns], dtype=np.int64),
             "last_seen": self.last_seen,
             "manhole_level": self.manholes.last_level,
             "manhole_ts": self.manholes.last_ts,
@@ -559,22 +584,58 @@ class AnalyticsEngine:
         arrays |= {"california_tentative": self.california.tentative,
                    "california_active": self.california.active,
                    "california_quiet": self.california.quiet}  # fmt: skip
-        path = self._checkpoint_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp.npz")
-        np.savez(temporary, **arrays)  # type: ignore[arg-type]
-        temporary.replace(path)
-        self._last_checkpoint = time.monotonic()
+        return arrays
+
+    def _layout(self) -> checkpoint_file.Layout:
+        """What this engine's checkpoints hold (taken from its state before a restore)."""
+        fixed = {k: v for k, v in self._state().items() if "|" not in k and "#" not in k}
+        stations, poles = len(self.city.detectors), len(self.city.poles)
+        lanes = {"entity", "ts_ns", "count", "occupancy_pct", "speed_kmh", "interval_s"}
+        pole = {"entity", "ts_ns", "pm25_ugm3", "pm10_ugm3", "noise_dba", "lamp_on",
+                "lamp_power_w", "lamp_fault"}  # fmt: skip
+        return checkpoint_file.Layout(
+            arrays=fixed,
+            optional=frozenset({"manhole_rise", "stuck_count", "last_station_speed"}),
+            panes={"traffic": (frozenset(lanes), stations * 16), "poles": (frozenset(pole), poles)},
+            partials={
+                "station": (frozenset(PARTIALS), stations),
+                "pole": (frozenset(POLE_PARTIALS), poles),
+            },
+            series={"california": (3, stations)},
+        )
 
     def restore(self) -> None:
-        if not self._checkpoint_path.exists():
+        """Load the checkpoint, if any. One that cannot be read or does not fit is logged,
+        renamed to ``windows.npz.corrupt`` and ignored: the engine starts as if killed before
+        its first checkpoint, and the pipeline's recovery re-reads the open windows' raw
+        readings from InfluxDB (link.AnalyticsLink.recover)."""
+        path = self._checkpoint_path
+        if not path.exists():
             return
-        with np.load(self._checkpoint_path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-        if len(arrays["last_seen"]) != len(self.last_seen):
-            log.warning("checkpoint %s is for another city map: ignored", self._checkpoint_path)
+        try:
+            arrays = checkpoint_file.read(path)
+            seen = arrays.get("last_seen")
+            if seen is not None and seen.ndim == 1 and len(seen) != len(self.last_seen):
+                log.warning("checkpoint %s is for another city map: ignored", path)
+                return
+            checkpoint_file.check(arrays, self._layout())
+        except checkpoint_file.CheckpointError as exc:
+            aside = checkpoint_file.set_aside(path)
+            self.counts["checkpoint_corrupt"] += 1
+            log.error(
+                "analytics checkpoint %s is corrupt (%s): set aside as %s; starting without it, "
+                "the open windows are re-read from InfluxDB as after a kill",
+                path, exc, aside or "(could not be moved)",
+            )  # fmt: skip
             return
-        self.watermark.newest_ns, self.watermark.forced_ns = (int(v) for v in arrays["watermark"])
+        self._apply(arrays)
+        log.info("analytics restored from %s", path)
+
+    def _apply(self, arrays: dict[str, Array]) -> None:
+        """Take the state of a checked checkpoint (checkpoint_file.check: nothing here fails)."""
+        newest, forced, *ahead = (int(v) for v in arrays["watermark"])
+        self.watermark.newest_ns, self.watermark.forced_ns = newest, forced
+        self.watermark.ahead_ns = max([newest, *ahead])
         self.last_seen = arrays["last_seen"]
         self.manholes.last_level, self.manholes.last_ts = (
             arrays["manhole_level"],
@@ -595,7 +656,6 @@ class AnalyticsEngine:
         self.california.tentative = arrays["california_tentative"]
         self.california.active = arrays["california_active"]
         self.california.quiet = arrays["california_quiet"]
-        log.info("analytics restored from %s", self._checkpoint_path)
 
     def close(self) -> None:
         self._stopping.set()

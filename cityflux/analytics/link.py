@@ -17,6 +17,7 @@ from cityflux.errors import StoreError
 from cityflux.ingest.batch import Columns, Rejection
 from cityflux.ingest.contract import Reason
 from cityflux.store.influx import InfluxWriter
+from cityflux.supervisor import Spawn
 
 log = logging.getLogger(__name__)
 RECOVER_MEASUREMENTS: Final = {
@@ -39,7 +40,11 @@ class Publisher(Protocol):
 
 class AnalyticsLink:
     def __init__(
-        self, config: Config, publisher: Publisher, write: Callable[[list[str]], object]
+        self,
+        config: Config,
+        publisher: Publisher,
+        write: Callable[[list[str]], object],
+        spawn: Spawn | None = None,
     ) -> None:
         self.publisher = publisher
         root = config.mqtt.topic_root
@@ -48,7 +53,7 @@ class AnalyticsLink:
         self._ack_decoder = msgspec.json.Decoder(AckMessage)
         self._encoder = msgspec.json.Encoder()
         self.engine = AnalyticsEngine(config.analytics, notify=self._publish_one)
-        self.engine.start_worker(deliver=write)
+        self.engine.start_worker(deliver=write, spawn=spawn)
 
     def process(self, columns: dict[str, Columns]) -> tuple[list[str], list[Rejection]]:
         out = self.engine.process(columns)  # alert changes are published as they happen

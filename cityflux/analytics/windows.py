@@ -7,7 +7,9 @@ stored once however many windows it belongs to.
 
 * The **watermark** is the newest event time seen minus ``delay_s``: readings up to ``delay_s``
   out of order are on time. A pane is *complete* when the watermark passes its end: its result
-  is emitted.
+  is emitted. The event time one batch can advance it to is capped at the wall clock plus the
+  allowed clock skew: one device whose clock runs ahead cannot close everyone's windows early
+  (its readings still land in their own panes).
 * **Allowed lateness**: a pane keeps its raw rows until the watermark passes its end plus
   ``lateness_s``. A late reading within it lands in the pane, which is emitted again (results
   are idempotent points, so the update overwrites). A reading later than that is *too late*:
@@ -16,7 +18,7 @@ stored once however many windows it belongs to.
   last row of each key counts. So a message redelivered after a crash, or sent twice by a
   gateway, is never counted twice.
 * **Checkpoints**: :meth:`PaneBuffer.state` and :meth:`PaneBuffer.restore` give the open panes
-  as plain arrays, which the engine saves to disk (``np.savez``) with the watermark.
+  as plain arrays, which the engine saves to disk with the watermark (``checkpoint.py``).
 
 State is keyed by entity index, so a partition (a set of districts) can run in its own process.
 """
@@ -38,8 +40,9 @@ class Watermark:
     """Event-time progress of one partition."""
 
     delay_ns: int
-    newest_ns: int = 0  # newest event time seen
+    newest_ns: int = 0  # newest event time seen, each batch's capped at its limit (observe)
     forced_ns: int = 0  # set by flush(): treat everything up to here as complete
+    ahead_ns: int = 0  # newest event time seen, uncapped (a clock ahead of the wall clock)
 
     @property
     def value_ns(self) -> int:
@@ -50,9 +53,20 @@ class Watermark:
         """What the data says, ignoring flush(): deadman timers must not jump ahead."""
         return self.newest_ns - self.delay_ns
 
-    def observe(self, ts_ns: Array) -> None:
+    def observe(self, ts_ns: Array, limit_ns: int | None = None) -> None:
+        """Advance event time to the batch's newest reading, but not past ``limit_ns`` (the
+        wall clock + the allowed skew): event time is what the honest clocks say."""
         if len(ts_ns):
-            self.newest_ns = max(self.newest_ns, int(ts_ns.max()))
+            newest = int(ts_ns.max())
+            self.ahead_ns = max(self.ahead_ns, newest)
+            capped = newest if limit_ns is None else min(newest, limit_ns)
+            self.newest_ns = max(self.newest_ns, capped)
+
+    def newest_until(self, limit_ns: int | None = None) -> int:
+        """The newest event time seen, readings ahead of ``limit_ns`` counted up to it
+        (flush(): "everything seen so far" without trusting a clock from the future)."""
+        ahead = self.ahead_ns if limit_ns is None else min(self.ahead_ns, limit_ns)
+        return max(self.newest_ns, ahead)
 
 
 @dataclass(slots=True)

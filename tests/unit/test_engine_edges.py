@@ -98,3 +98,39 @@ def test_a_late_reading_updates_every_sliding_window_that_contains_it(tmp_path: 
         and "window=5m" in line
     )  # fmt: skip
     assert ends == [2, 3, 4, 5, 6]  # the window of minute 1 and the four after it
+
+
+def test_one_device_clock_ahead_neither_closes_the_minute_nor_makes_readings_too_late(
+    tmp_path: Path,
+) -> None:
+    """Wall clock at T0 + 1 h: det-0001 reports every minute on time, det-0002's clock runs
+    300 s ahead (inside ingest.max_future_s). Event time stays with the wall clock."""
+    config = config_in(tmp_path)
+    engine = AnalyticsEngine(config.analytics)
+    now_ms = T0_MS + 3_600_000 + 30_000  # half a minute into the current minute
+    out = engine.process(
+        traffic(config, [("det-0001", now_ms - 1_000, 10), ("det-0002", now_ms + 300_000, 10)]),
+        now_ns=now_ms * 1_000_000,
+    )
+    assert engine.watermark.newest_ns == (now_ms + 5_000) * 1_000_000  # capped: now + 5 s
+    assert engine.watermark.ahead_ns == (now_ms + 300_000) * 1_000_000
+    late = engine.process(
+        traffic(config, [("det-0001", now_ms - 200_000, 10)]), now_ns=now_ms * 1_000_000
+    )
+    assert late.too_late == [] and engine.counts["too_late"] == 0  # 200 s old: on time
+    # windows written: only those the honest clocks completed (end <= now + 5 s - 120 s), the
+    # 200-s-old reading's among them; not the current minute (was: everything up to now + 180 s)
+    ends = {int(line.rsplit(" ", 1)[1]) for line in out.lines + late.lines
+            if line.startswith("traffic_segment,")}  # fmt: skip
+    assert ends == {(now_ms - 200_000) // 60_000 * 60_000 * 1_000_000 + 60 * 1_000_000_000}
+    assert max(ends) <= (now_ms + 5_000 - 120_000) * 1_000_000
+    # the skewed reading is in its own (future) pane, emitted when event time gets there
+    ahead = (now_ms + 300_000) // 60_000 * 60_000 * 1_000_000
+    assert engine.traffic.panes[ahead].rows()["entity"].tolist() == [16, 17, 18]
+    # an idle flush closes what the wall clock has reached, not the future pane
+    engine.flush(now_ns=now_ms * 1_000_000)
+    assert not engine.traffic.panes[ahead].emitted
+    assert engine.traffic.panes[now_ms // 60_000 * 60_000 * 1_000_000].emitted
+    engine.flush(now_ns=(now_ms + 300_000) * 1_000_000)  # the wall clock caught up
+    assert engine.traffic.panes[ahead].emitted
+    engine.close()

@@ -88,3 +88,19 @@ def test_a_late_update_pending_at_the_checkpoint_is_emitted_after_the_restart(
         restored.restore("traffic", {k: data[k] for k in data.files})
     assert [p.start_ns for p in restored.due(watermark.value_ns)] == [0]
     assert sorted(restored.panes[0].rows()["value"].tolist()) == [1.0, 5.0]
+
+
+def test_a_clock_ahead_of_the_wall_clock_moves_event_time_only_up_to_the_limit() -> None:
+    watermark = Watermark(delay_ns=2 * MIN)
+    now = 100 * MIN
+    limit = now + 5 * NS  # wall clock + max_clock_skew_s
+    watermark.observe(np.array([now - 30 * NS, now - 10 * NS]), limit)
+    assert watermark.newest_ns == now - 10 * NS  # honest clocks: as before
+    watermark.observe(np.array([now - 5 * NS, now + 300 * NS]), limit)  # one 5 minutes ahead
+    assert watermark.newest_ns == limit and watermark.ahead_ns == now + 300 * NS
+    assert watermark.value_ns == limit - 2 * MIN
+    # flush ("everything seen is complete") trusts it only as far as the wall clock goes
+    assert watermark.newest_until(limit) == limit
+    assert watermark.newest_until(now + 400 * NS) == now + 300 * NS
+    watermark.observe(np.array([now - 600 * NS]))  # no limit: replayed history, any speed
+    assert watermark.newest_ns == limit
