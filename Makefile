@@ -1,5 +1,5 @@
 # The two commands of the README, and the checks CI runs.
-.PHONY: demo run test check bench bench-simulate
+.PHONY: demo run test check bench bench-simulate bench-chaos
 
 demo:  ## set up, then a simulated city -> mosquitto -> cityflux -> InfluxDB, shown live
 	@scripts/bootstrap.sh
@@ -25,3 +25,7 @@ bench: ## ingest benchmark: mosquitto_sub ceiling vs naive script vs cityflux
 bench-simulate: ## simulator and replay throughput against mosquitto_pub
 	@scripts/bootstrap.sh
 	.venv/bin/python -m bench.simulate
+
+bench-chaos: ## 10 min at 5,000 msg/s while cityflux, InfluxDB and mosquitto are broken on a schedule
+	@scripts/bootstrap.sh
+	.venv/bin/python -m bench.chaos --minutes 10 --rate 5000
