@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import operator
 import os
 import sqlite3
@@ -28,6 +29,8 @@ import numpy as np
 import numpy.typing as npt
 
 from cityflux.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 Array = npt.NDArray[Any]
 NS: Final = 1_000_000_000
@@ -146,18 +149,40 @@ class AlertStore:
 
     def __init__(self, path: str | Path) -> None:
         _private(Path(path))
-        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        try:
+            self.db = self._open(Path(path))
+        except sqlite3.DatabaseError as exc:
+            # a torn or overwritten file must not stop ingest: set it aside for forensics and
+            # start afresh. Alert history is also in InfluxDB (cityflux_alert); conditions that
+            # still hold raise their alerts again; acknowledgements in the file are lost.
+            aside = _set_aside(Path(path))
+            log.error("alert database %s is unreadable (%s): moved to %s", path, exc, aside)
+            _private(Path(path))
+            self.db = self._open(Path(path))
+
+    def _open(self, path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        try:
+            self._prepare(db)
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    @staticmethod
+    def _prepare(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk (the WAL fsynced) before the change is published; NORMAL
         # would let a power cut roll back an alert operators already received
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute(
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(
             "CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT,"
             " entity TEXT, district TEXT, severity TEXT, state TEXT, acknowledged INTEGER,"
             " flapping INTEGER, value REAL, message TEXT, started_ns INTEGER, updated_ns INTEGER,"
             " cleared_ns INTEGER, count INTEGER, acknowledged_by TEXT)"
         )
-        self.db.execute("CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, rule, entity)")
+        db.execute("CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, rule, entity)")
+        db.execute("SELECT count(*) FROM alerts").fetchone()  # reads the pages: finds garbage
 
     def save(self, alerts: list[Alert]) -> None:
         """Insert new alerts (id 0: assigned here) and update known ones, in one transaction.
@@ -375,3 +400,19 @@ class AlertEngine:
                     tracker.alert.acknowledged, tracker.alert.acknowledged_by = True, by
                     return tracker.alert
         return stored
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a database (and its WAL and shared-memory files) to ``*.corrupt``, never
+    overwriting an earlier one."""
+    aside = path.with_name(path.name + ".corrupt")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.{n}.corrupt")
+    for suffix in ("-wal", "-shm"):
+        companion = path.with_name(path.name + suffix)
+        if companion.exists():
+            companion.rename(aside.with_name(aside.name + suffix))
+    path.rename(aside)
+    return aside

@@ -130,3 +130,21 @@ def test_a_flapping_alert_stays_up_instead_of_churning(tmp_path: Path) -> None:
     for step in range(20, 45):  # it settles below the threshold: the alert clears
         observe(engine, step * 60, {"s1": 1.0})
     assert engine.store.select()[-1].state == "cleared"
+
+
+def test_a_corrupt_alert_database_is_set_aside_not_fatal(tmp_path: Path) -> None:
+    path = tmp_path / "alerts.sqlite"
+    store = AlertStore(path)
+    store.close()
+    path.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)  # a torn header and garbage
+    fresh = AlertStore(path)
+    try:
+        assert fresh.select() == []
+        assert (tmp_path / "alerts.sqlite.corrupt").exists()
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+    finally:
+        fresh.close()
+    path.write_bytes(b"not a database at all" * 100)
+    again = AlertStore(path)
+    again.close()
+    assert (tmp_path / "alerts.sqlite.2.corrupt").exists()  # the first one is kept
