@@ -9,6 +9,7 @@ offending key.
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -21,6 +22,10 @@ import msgspec
 from cityflux.errors import ConfigError
 
 ENV_PREFIX = "CITYFLUX_"
+log = logging.getLogger(__name__)
+# bytes of an MQTT packet around its payload we allow for: fixed header, topic, packet id and
+# MQTT 5 properties (cityflux topics are under 200 bytes)
+MQTT_PACKET_MARGIN = 4_096
 
 
 class Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -37,7 +42,9 @@ class TlsConfig(Base, frozen=True):
 
 class MqttConfig(Base, frozen=True):
     url: str = "mqtt://127.0.0.1:1883"
-    protocol: Literal["5", "3.1.1"] = "3.1.1"
+    # 5: our Receive Maximum decides what the broker may have in flight to us. 3.1.1: the
+    # broker's max_inflight_messages/max_queued_messages do, and their defaults drop bursts.
+    protocol: Literal["5", "3.1.1"] = "5"
     client_id: str = "cityflux"
     username: str | None = None
     password: str | None = None
@@ -51,8 +58,15 @@ class MqttConfig(Base, frozen=True):
     # Unacknowledged QoS 1 messages the broker may have in flight to us (MQTT 5 Receive Maximum;
     # for 3.1.1 the broker's max_inflight_messages sets it). Bounds our memory under back-pressure.
     receive_maximum: int = 50_000
+    # The largest packet (header, topic and payload) we accept; sent as MQTT 5 Maximum Packet
+    # Size, so the broker drops bigger ones for us. A bigger packet is a protocol error that
+    # reconnects: keep the broker's max_packet_size equal (deploy/mosquitto/mosquitto.conf).
+    max_packet_size: int = 1_048_576
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+    # Watch the broker's own counters ($SYS, mosquitto): export them, alert when it drops.
+    broker_stats: bool = True
+    broker_drop_clear_s: float = 600.0  # broker_dropping clears after this long without drops
 
     @property
     def host(self) -> str:
@@ -101,7 +115,9 @@ class IngestConfig(Base, frozen=True):
 class SpoolConfig(Base, frozen=True):
     dir: str = "var/spool"
     max_bytes: int = 1024 * 1024 * 1024
-    segment_bytes: int = 16 * 1024 * 1024
+    # Sized the segment files of the spool before it moved to SQLite: accepted so that old
+    # config files still load, ignored, and warned about (docs/operations.md, "The spool").
+    segment_bytes: int | None = None
 
 
 class MetricsConfig(Base, frozen=True):
@@ -132,6 +148,9 @@ class AnalyticsConfig(Base, frozen=True):
     delay_s: float = 120.0  # watermark = newest event time - delay: on-time out-of-orderness
     lateness_s: float = 300.0  # late readings within this update their window; later: dropped
     idle_flush_s: float = 10.0  # no new readings for this long: close every open window
+    # event time (the watermark) never advances past the wall clock + this: one device
+    # whose clock runs ahead cannot close everyone's windows (docs/analytics.md)
+    max_clock_skew_s: float = 5.0
     checkpoint_dir: str = "var/analytics"
     checkpoint_interval_s: float = 30.0
     alerts_db: str = "var/analytics/alerts.sqlite"
@@ -142,6 +161,19 @@ class AnalyticsConfig(Base, frozen=True):
     california: dict[str, CaliforniaConfig] = {}  # per road class; missing: the defaults
 
 
+class SupervisionConfig(Base, frozen=True):
+    """Restarts of failed threads and the /healthz watchdog (docs/operations.md)."""
+
+    restart_min_s: float = 0.5
+    restart_max_s: float = 30.0
+    # more restarts of one component than this within restart_window_s: the process exits
+    # non-zero so that systemd or compose restart it whole
+    max_restarts: int = 10
+    restart_window_s: float = 300.0
+    # work waiting and no progress for this long: /healthz answers 503
+    stall_after_s: float = 60.0
+
+
 class Config(Base, frozen=True):
     mqtt: MqttConfig = MqttConfig()
     influx: InfluxConfig = InfluxConfig()
@@ -149,6 +181,7 @@ class Config(Base, frozen=True):
     spool: SpoolConfig = SpoolConfig()
     metrics: MetricsConfig = MetricsConfig()
     analytics: AnalyticsConfig = AnalyticsConfig()
+    supervision: SupervisionConfig = SupervisionConfig()
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with dotted-key overrides applied, e.g. ``{"mqtt.url": "mqtt://h:1"}``."""
@@ -228,5 +261,13 @@ def _check(config: Config) -> None:
     ):
         if getattr(config.ingest, name) <= 0:
             raise ConfigError(f"ingest.{name} must be positive")
-    if config.spool.segment_bytes > config.spool.max_bytes:
-        raise ConfigError("spool.segment_bytes must not exceed spool.max_bytes")
+    # room for the topic, packet id and MQTT 5 properties around a maximal payload
+    if config.mqtt.max_packet_size < config.ingest.max_payload_bytes + MQTT_PACKET_MARGIN:
+        raise ConfigError(
+            f"mqtt.max_packet_size must be at least ingest.max_payload_bytes + "
+            f"{MQTT_PACKET_MARGIN}: a payload we would accept must fit in a packet we accept"
+        )
+    if config.mqtt.max_packet_size > 268_435_460:  # 4-byte remaining length + fixed header
+        raise ConfigError("mqtt.max_packet_size must not exceed 268,435,460 (MQTT's own limit)")
+    if config.spool.segment_bytes is not None:
+        log.warning("spool.segment_bytes is ignored since the spool is one SQLite file: remove it")

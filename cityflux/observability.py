@@ -6,7 +6,6 @@ Each worker process has its own registry (no global state), served on its own po
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -15,6 +14,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from cityflux.ingest.contract import KINDS, Reason
+
+# cityflux_broker_<name>: what the broker says of itself ($SYS), docs/operations.md
+BROKER_GAUGES = {
+    "messages_dropped": "QoS 1 messages the broker dropped since it started (queue limits)",
+    "messages_dropped_per_min": "the broker's dropped messages, 1-minute average per minute",
+    "store_messages": "messages held in the broker's store (queued for clients, retained)",
+    "store_bytes": "payload bytes held in the broker's store",
+    "clients_connected": "clients connected to the broker",
+    "uptime_seconds": "seconds since the broker started (its counters restart with it)",
+    "stats_up": "1 while the broker's $SYS counters arrive (0: disconnected or denied by ACL)",
+    "dropping": "1 while the broker_dropping alert is active",
+}
 
 
 class Metrics:
@@ -64,6 +75,17 @@ class Metrics:
             "1 while the spool is full and acks are held back",
             registry=registry,
         )
+        self.spool_corrupt_records = Counter(
+            "cityflux_spool_corrupt_records",
+            "spooled records found corrupt on disk (never acknowledged ones only, see "
+            "docs/operations.md)",
+            registry=registry,
+        )
+        self.spool_corrupt_files = Counter(
+            "cityflux_spool_corrupt_files",
+            "damaged spool database files salvaged and set aside as *.corrupt",
+            registry=registry,
+        )
         self.database_up = Gauge(
             "cityflux_database_up", "1 if the last database write succeeded", registry=registry
         )
@@ -95,6 +117,38 @@ class Metrics:
         self.analytics_errors = Counter(
             "cityflux_analytics_errors",
             "batches the analytics failed on (ingest went on; see the log)",
+            registry=registry,
+        )
+        self.mqtt_protocol_errors = Counter(
+            "cityflux_mqtt_protocol_errors",
+            "malformed packets from the broker; each one reconnects",
+            registry=registry,
+        )
+        self.component_restarts = Counter(
+            "cityflux_component_restarts",
+            "supervised threads restarted after a failure (docs/operations.md)",
+            ["component"],
+            registry=registry,
+        )
+        self.checkpoint_corrupt = Counter(
+            "cityflux_analytics_checkpoint_corrupt",
+            "analytics checkpoints found corrupt at start and set aside (*.corrupt)",
+            registry=registry,
+        )
+        self.commit_errors = Counter(
+            "cityflux_commit_errors",
+            "batches whose store-and-acknowledge failed and was retried",
+            ["error"],
+            registry=registry,
+        )
+        # the broker's own counters from its $SYS topics (cityflux/ingest/broker_stats.py)
+        self.broker = {
+            name: Gauge(f"cityflux_broker_{name}", text, registry=registry)
+            for name, text in BROKER_GAUGES.items()
+        }
+        self.broker_stats_errors = Counter(
+            "cityflux_broker_stats_errors",
+            "failures of the broker $SYS watcher (refused connections, bad values; see the log)",
             registry=registry,
         )
         for kind in KINDS:  # make every label visible at 0 from the start
@@ -133,12 +187,10 @@ class MetricsServer:
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics", daemon=True
-        )
 
-    def start(self) -> None:
-        self._thread.start()
+    def serve(self) -> None:
+        """Answer requests until :meth:`stop` (run it on a supervised thread)."""
+        self._server.serve_forever()
 
     def stop(self) -> None:
         self._server.shutdown()

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from cityflux.cli import alerts, dashboards, demo, ingest, scenario, simulate
+from cityflux.cli import alerts, dashboards, demo, devices, doctor, ingest, scenario, simulate
 from cityflux.cli.common import app
 
-__all__ = ["alerts", "app", "dashboards", "demo", "ingest", "main", "scenario", "simulate"]
+__all__ = [
+    "alerts",
+    "app",
+    "dashboards",
+    "demo",
+    "devices",
+    "doctor",
+    "ingest",
+    "main",
+    "scenario",
+    "simulate",
+]
 
 
 def main() -> None:

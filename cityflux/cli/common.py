@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console, RenderableType
@@ -18,6 +18,9 @@ from rich.logging import RichHandler
 from cityflux.config import Config, load_config
 from cityflux.errors import CityfluxError
 from cityflux.servers import LocalInfluxDB, LocalMosquitto
+
+if TYPE_CHECKING:
+    from cityflux.ingest.pipeline import Pipeline
 
 app = typer.Typer(
     add_completion=False,
@@ -37,6 +40,14 @@ def setup_logging(verbose: bool) -> None:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
+
+
+def exit_if_failed(pipeline: Pipeline) -> None:
+    """A component the supervisor gave up on ends the command with status 1 (systemd and
+    compose restart `cityflux run`); the reason is printed, never a silent stop."""
+    if pipeline.failure is not None:
+        console.print(f"[red]cityflux stopped: {pipeline.failure}[/]")
+        raise typer.Exit(1)
 
 
 def load_or_exit(path: Path | None) -> Config:

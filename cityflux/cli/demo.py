@@ -23,6 +23,7 @@ from cityflux.cli.common import (
     ConfigOption,
     app,
     console,
+    exit_if_failed,
     local_stack,
     redraw_while,
     setup_logging,
@@ -163,6 +164,7 @@ def _run(
         pipeline.drain()
     pipeline.stop()
     worker.join(timeout=15)
+    exit_if_failed(pipeline)
     return outcome[0] if outcome else None
 
 

@@ -20,6 +20,7 @@ from cityflux.cli.common import (
     ConfigOption,
     app,
     console,
+    exit_if_failed,
     load_or_exit,
     local_stack,
     redraw_while,
@@ -79,6 +80,7 @@ def _run_until_signal(pipeline: Pipeline) -> None:
         raise typer.Exit(1) from exc
     finally:
         pipeline.close()
+    exit_if_failed(pipeline)
 
 
 def _supervise(config: Path | None, workers: int, verbose: bool) -> int:
@@ -139,6 +141,7 @@ def _run_with_status(pipeline: Pipeline, duration: float) -> None:
         pass
     pipeline.stop()
     worker.join(timeout=10)
+    exit_if_failed(pipeline)
 
 
 def _status_table(pipeline: Pipeline) -> Table:

@@ -23,35 +23,42 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cityflux.config import MqttConfig
-from cityflux.errors import IngestError
+from cityflux.errors import IngestError, MqttProtocolError
 from cityflux.ingest.mqtt_codec import (
+    AUTH,
     CONNACK,
+    DISCONNECT,
     DISCONNECT_PACKET,
     PINGREQ_PACKET,
     SUBACK,
     V5,
     V311,
     ConnectOptions,
+    Control,
     PacketReader,
-    connack_result,
     connect_packet,
     puback_packets,
-    suback_codes,
     subscribe_packet,
 )
+from cityflux.ingest.mqtt_control import Connack, accepted_connack, disconnect_reason, suback_codes
 from cityflux.observability import Metrics
 from cityflux.store.influx import backoff
+from cityflux.supervisor import Component, Supervisor
 
 log = logging.getLogger(__name__)
 RECV_BYTES = 256 * 1024
 OFFLINE = b'{"state":"offline"}'
 ONLINE = b'{"state":"online"}'
+V311_WARNING = (
+    "mqtt.protocol is 3.1.1: the broker %s decides how many messages it holds for us, and "
+    "mosquitto's defaults (max_inflight_messages 20, max_queued_messages 1000) drop a burst; "
+    "size them as in deploy/mosquitto/mosquitto.conf (docs/deploy.md), or use protocol 5"
+)
 
 
 @dataclass(slots=True)
@@ -71,7 +78,14 @@ class MessageBatch:
 class MqttConsumer:
     """Subscribes to ``{topic_root}/#`` (shared when several workers split the load)."""
 
-    def __init__(self, config: MqttConfig, metrics: Metrics, worker: int = 0, workers: int = 1):
+    def __init__(
+        self,
+        config: MqttConfig,
+        metrics: Metrics,
+        worker: int = 0,
+        workers: int = 1,
+        supervisor: Supervisor | None = None,
+    ):
         self.config = config
         self.metrics = metrics
         self.client_id = config.client_id if workers == 1 else f"{config.client_id}-{worker}"
@@ -86,41 +100,59 @@ class MqttConsumer:
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._last_sent = 0.0
+        self.connack: Connack | None = None  # the last CONNACK: the broker's MQTT 5 limits
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._connection_loop, name="mqtt", daemon=True)
+        self._owns_supervisor = supervisor is None
+        self.supervisor = supervisor or Supervisor()
         self.publisher = _make_publisher(config, f"{self.client_id}-pub", self.status_topic)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, wait_s: float = 0.0) -> None:
         """Connect in the background (retrying forever); optionally wait for the CONNACK."""
+        if self.version == V311:  # the broker's limits, not our Receive Maximum, decide loss
+            log.warning(V311_WARNING, self.config.url)
         self.publisher.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
-        self.publisher.loop_start()
-        self._thread.start()
+        # paho's own network loop, on a supervised thread instead of loop_start's bare one
+        self.supervisor.spawn("mqtt-publisher", self._publisher_loop)
+        self.supervisor.spawn("mqtt-reader", self._connection_loop)
         if wait_s and not self.connected.wait(wait_s):
             raise IngestError(f"no CONNACK from {self.config.url} within {wait_s:.0f}s")
 
     def stop(self) -> None:
+        if self._owns_supervisor:
+            self.supervisor.stop()
         self._stopping.set()
         self._send(DISCONNECT_PACKET)
         self._close_socket()
-        if self._thread.ident is not None:  # started
-            self._thread.join(timeout=10)
+        reader = self.supervisor.components.get("mqtt-reader")
+        if reader is not None and reader.thread is not None:
+            reader.thread.join(timeout=10)
         if self.publisher.is_connected():
             info = self.publisher.publish(self.status_topic, OFFLINE, qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):  # raced with a disconnect
                 info.wait_for_publish(2)
-        self.publisher.disconnect()
-        self.publisher.loop_stop()
+        self.publisher.disconnect()  # ends _publisher_loop
+        publisher = self.supervisor.components.get("mqtt-publisher")
+        if publisher is not None and publisher.thread is not None:
+            publisher.thread.join(timeout=5)
+
+    def _publisher_loop(self, component: Component) -> None:
+        """paho's network loop: reconnects by itself, returns after :meth:`stop`'s disconnect."""
+        component.beat()
+        self.publisher.loop_forever(retry_first_connection=True)
 
     # -- the connection thread --------------------------------------------------------------
-    def _connection_loop(self) -> None:
+    def _connection_loop(self, component: Component) -> None:
         attempt = 0
         while not self._stopping.is_set():
+            component.beat()
             try:
                 reader = self._connect()
                 attempt = 0
                 self._serve(reader)
             except (OSError, IngestError) as exc:
+                if isinstance(exc, MqttProtocolError):  # a malformed packet: reconnect, counted
+                    self.metrics.mqtt_protocol_errors.inc()
                 if not self._stopping.is_set():
                     log.warning("MQTT connection to %s: %s", self.config.url, exc)
             finally:
@@ -132,28 +164,30 @@ class MqttConsumer:
     def _connect(self) -> PacketReader:
         sock = open_socket(self.config)
         self._sock = sock
-        reader = PacketReader(self.version)
+        reader = PacketReader(self.version, self.config.max_packet_size)
         self._send(connect_packet(self._connect_options()))
-        control = self._await_control(sock, reader, CONNACK)
-        session_present, code = connack_result(control, self.version)
-        if code != 0:
-            raise IngestError(f"broker refused the connection: return code {code}")
+        connack = accepted_connack(self._await_control(sock, reader, CONNACK), self.version)
+        self.connack = connack
         self._send(subscribe_packet(1, self.subscription, 1, self.version))
         suback = self._await_control(sock, reader, SUBACK)
-        codes = suback_codes(suback, self.version)
-        if not codes or codes[0] >= 0x80:
+        codes = suback_codes(suback, self.version, packet_id=1)
+        if codes[0] >= 0x80:
             raise IngestError(f"broker refused the subscription {self.subscription}: {codes}")
         log.info(
-            "connected to %s as %s (session present: %s)",
+            "connected to %s as %s (session present: %s, keep alive %ss, receive maximum %s, "
+            "maximum packet size %s)",
             self.config.url,
             self.client_id,
-            session_present,
+            connack.session_present,
+            self._keepalive_s(),
+            connack.receive_maximum,  # both limit what we send: only PUBACKs and SUBSCRIBE
+            connack.maximum_packet_size,
         )
         self.metrics.mqtt_connected.set(1)
         self.connected.set()
         return reader
 
-    def _await_control(self, sock: socket.socket, reader: PacketReader, kind: int) -> Any:
+    def _await_control(self, sock: socket.socket, reader: PacketReader, kind: int) -> Control:
         """Read until a control packet of ``kind``; PUBLISHes before it are kept."""
         while True:
             data = sock.recv(RECV_BYTES)
@@ -164,11 +198,29 @@ class MqttConsumer:
             for control in parsed.controls:
                 if control.type == kind:
                     return control
+                if kind == CONNACK:  # MQTT-3.2.0-1: the server's first packet is CONNACK
+                    raise MqttProtocolError(f"packet type {control.type} before the CONNACK")
+                self._check_control(control)
+
+    def _check_control(self, control: Control) -> None:
+        """Raise for a control packet that ends the connection; others need no answer."""
+        if control.type == DISCONNECT:  # MQTT 5: the broker says why it closes
+            raise IngestError(f"broker disconnected us: {disconnect_reason(control, self.version)}")
+        if control.type == CONNACK:
+            raise MqttProtocolError("a second CONNACK on one connection")
+        if control.type == AUTH:
+            raise MqttProtocolError("AUTH without enhanced authentication")
+
+    def _keepalive_s(self) -> int:
+        """MQTT 5 Server Keep Alive replaces ours (MQTT-3.2.2-21). Its 0 (no keep alive)
+        keeps ours: pinging is always allowed and is how we notice a dead broker."""
+        server = self.connack.server_keep_alive if self.connack else None
+        return server if server else self.config.keepalive_s
 
     def _serve(self, reader: PacketReader) -> None:
         sock = self._sock
         assert sock is not None
-        keepalive = self.config.keepalive_s
+        keepalive = self._keepalive_s()
         sock.settimeout(max(keepalive / 2, 0.5))
         last_received = time.monotonic()
         while not self._stopping.is_set():
@@ -184,6 +236,8 @@ class MqttConsumer:
                 parsed = reader.feed(data)
                 if parsed.topics:
                     self._append(parsed.topics, parsed.payloads, parsed.packet_ids)
+                for control in parsed.controls:
+                    self._check_control(control)
             elif now - last_received > keepalive * 1.5:
                 raise IngestError(f"nothing from the broker for {keepalive * 1.5:.0f}s")
             if now - self._last_sent >= keepalive / 2:
@@ -217,6 +271,10 @@ class MqttConsumer:
     def _close_socket(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
+            # shutdown first: close() alone does not wake the reader thread's blocked recv
+            # (it would wait for its timeout, keepalive / 2) unless the broker hangs up too
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
 
@@ -244,9 +302,15 @@ class MqttConsumer:
             password=self.config.password,
             session_expiry_s=self.config.session_expiry_s,
             receive_maximum=min(self.config.receive_maximum, 65_535),
+            max_packet_size=self.config.max_packet_size,
         )
 
     # -- the pipeline's side ----------------------------------------------------------------
+    def has_pending(self) -> bool:
+        """Messages received and not yet taken: work waiting for the pipeline."""
+        with self._cond:
+            return len(self._batch) > 0
+
     def take(self, max_messages: int, wait_s: float) -> MessageBatch:
         """Up to ``max_messages`` messages, after at most ``wait_s`` seconds of waiting."""
         deadline = time.monotonic() + wait_s

@@ -6,6 +6,7 @@ durable (database or fsynced spool) and the broker confirmed its dead letters.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -14,21 +15,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
+
 from cityflux.analytics.link import AnalyticsLink
 from cityflux.config import Config
-from cityflux.errors import SpoolFull, StoreError
+from cityflux.errors import SpoolError, SpoolFull, StoreError
 from cityflux.ingest.batch import Columns, Rejection
+from cityflux.ingest.boundary import stage
+from cityflux.ingest.broker_stats import BrokerWatcher
 from cityflux.ingest.contract import Reason
 from cityflux.ingest.deadletter import DeadLetterFactory
 from cityflux.ingest.decode import BatchDecoder
 from cityflux.ingest.mqtt import MessageBatch, MqttConsumer
-from cityflux.ingest.validate import validate
 from cityflux.observability import Metrics, MetricsServer
 from cityflux.store.influx import InfluxWriter
 from cityflux.store.lineprotocol import BatchEncoder, encode_point
 from cityflux.store.schema import PIPELINE_MEASUREMENT
 from cityflux.store.sink import DurableSink, RejectedLines
 from cityflux.store.spool import Spool
+from cityflux.supervisor import Component, Policy, Supervisor
 
 log = logging.getLogger(__name__)
 DERIVED_SLICE = 10_000  # lines per write of analytics results
@@ -44,11 +49,27 @@ class BatchOutcome:
     accepted: dict[str, int] = field(default_factory=dict)
 
 
+Work = tuple[MessageBatch, BatchOutcome]
+
+
 class Pipeline:
     def __init__(self, config: Config, worker: int = 0, workers: int = 1) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.consumer = MqttConsumer(config.mqtt, self.metrics, worker, workers)
+        self.failure: str | None = None  # set when a component gave up: exit non-zero
+        supervision = config.supervision
+        self.supervisor = Supervisor(
+            Policy(
+                supervision.restart_min_s,
+                supervision.restart_max_s,
+                supervision.max_restarts,
+                supervision.restart_window_s,
+                supervision.stall_after_s,
+            ),
+            on_restart=lambda name: self.metrics.component_restarts.labels(name).inc(),
+            on_fatal=self._give_up,
+        )
+        self.consumer = MqttConsumer(config.mqtt, self.metrics, worker, workers, self.supervisor)
         self.decoder = BatchDecoder(config.ingest, config.mqtt.topic_root)
         self.encoder = BatchEncoder()
         self.letters = DeadLetterFactory(
@@ -69,23 +90,54 @@ class Pipeline:
                 "analytics are off with --workers %d: run them in a single-worker cityflux", workers
             )
         self.analytics = (
-            AnalyticsLink(config, self.consumer, self._write_derived) if analytics else None
+            AnalyticsLink(config, self.consumer, self._write_derived, self.supervisor.start_thread)
+            if analytics
+            else None
+        )
+        if self.analytics is not None:
+            self.metrics.checkpoint_corrupt.inc(self.analytics.engine.counts["checkpoint_corrupt"])
+        # the broker's own drop counters ($SYS): one watcher per host is enough
+        self.broker_stats = (
+            BrokerWatcher(config.mqtt, self.metrics, config.analytics.alerts_db)
+            if config.mqtt.broker_stats and worker == 0
+            else None
         )
         self.stopping = threading.Event()
         self._next_health = 0.0
-        self._handover: queue.Queue[tuple[MessageBatch, BatchOutcome] | None] = queue.Queue(1)
+        self._handover: queue.Queue[Work | None] = queue.Queue(1)
+        # work of a commit thread that failed, taken first by its restarted successor: the
+        # broker redelivers unacknowledged messages only after a reconnect, so dropping the
+        # batch would stall its messages until then
+        self._retry: queue.SimpleQueue[Work] = queue.SimpleQueue()
+        self._committing = 0  # commits in progress, for the watchdog
+        self._committing_lock = threading.Lock()
+        self.store_problem: str | None = None  # why durable writes are failing right now
+        self.starting: str | None = "not started"  # what start() is waiting for
+        self._ingest = self.supervisor.watch("ingest", self.consumer.has_pending)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, wait_connected_s: float = 0.0) -> None:
-        self._prepare_database()
-        if self.analytics is not None:
-            self.analytics.recover(self.writer)
-        self.sink.start_draining()
+        # /healthz first: a database that hangs at start (each call waits influx.timeout_s)
+        # must show as "starting: ...", not as a process that does not answer
         if self.config.metrics.enabled:
-            self.server = MetricsServer(
+            server = MetricsServer(
                 self.metrics, self.health, self.config.metrics.host, self.metrics_port
             )
-            self.server.start()
+            self.server = server
+            self.supervisor.spawn("metrics-http", lambda component: server.serve())
+        self.starting = "checking the database"
+        self._prepare_database()
+        if self.analytics is not None:
+            self.starting = "re-reading open analytics windows from the database"
+            self.analytics.recover(self.writer)
+        self.starting = None
+        self.supervisor.spawn(
+            "spool-drain",
+            lambda component: self.sink.drain_loop(component.beat),
+            waiting=lambda: not self.spool.empty and self.sink.database_up,
+        )
+        if self.broker_stats is not None:
+            self.broker_stats.start(self.supervisor.start_thread)
         self.consumer.start(wait_connected_s)
 
     def _prepare_database(self) -> None:
@@ -104,13 +156,12 @@ class Pipeline:
         """
         ingest = self.config.ingest
         committers = [
-            threading.Thread(target=self._commit_loop, name=f"commit-{i}", daemon=True)
+            self.supervisor.spawn(f"commit-{i}", self._commit_loop, waiting=self._commit_waiting)
             for i in range(ingest.write_concurrency)
         ]
-        for committer in committers:
-            committer.start()
         try:
             while not self.stopping.is_set():
+                self._ingest.beat()
                 batch = self.consumer.take(ingest.batch_size, ingest.flush_interval_s)
                 if len(batch):
                     self._hand_over((batch, self.transform(batch, time.time_ns())))
@@ -122,10 +173,18 @@ class Pipeline:
                 if health is not None:
                     self._hand_over((MessageBatch(), BatchOutcome(lines=[health])))
         finally:
-            for _ in committers:  # one end marker each; they take them as they finish
-                self._handover.put(None)
-            for committer in committers:
-                committer.join(timeout=30)
+            self.supervisor.stop()  # from here on a component's end is the shutdown
+            self._end_committers([c.thread for c in committers if c.thread is not None])
+
+    def _end_committers(self, threads: list[threading.Thread], timeout_s: float = 30.0) -> None:
+        """One end marker per live commit thread, which takes it once its batch is done; a
+        thread the supervisor gave up on takes none, so never wait on the queue for it."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(t.is_alive() for t in threads):
+            with contextlib.suppress(queue.Full):
+                self._handover.put(None, timeout=0.1)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _hand_over(self, work: tuple[MessageBatch, BatchOutcome]) -> None:
         while not self.stopping.is_set():
@@ -135,9 +194,39 @@ class Pipeline:
             except queue.Full:
                 continue
 
-    def _commit_loop(self) -> None:
-        while (work := self._handover.get()) is not None:
-            self.commit(*work)
+    def _commit_loop(self, component: Component) -> None:
+        """Commit handed-over batches until the end marker. A failure is retried by the
+        restarted loop (the supervisor counts it); the batch is never acknowledged unstored."""
+        while True:
+            work: Work | None
+            try:
+                work = self._retry.get_nowait()
+            except queue.Empty:
+                work = self._handover.get()
+            if work is None:
+                return
+            self._count_committing(+1)
+            try:
+                self.commit(*work)
+            except Exception as exc:
+                self.metrics.commit_errors.labels(type(exc).__name__).inc()
+                self._retry.put(work)
+                raise
+            finally:
+                self._count_committing(-1)
+            component.beat()
+
+    def _count_committing(self, delta: int) -> None:
+        with self._committing_lock:
+            self._committing += delta
+
+    def _commit_waiting(self) -> bool:
+        return self._committing > 0 or not self._handover.empty() or not self._retry.empty()
+
+    def _give_up(self, reason: str) -> None:
+        """A component keeps failing: end :meth:`run` so the process exits non-zero."""
+        self.failure = reason
+        self.stopping.set()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -159,12 +248,19 @@ class Pipeline:
         return False
 
     def close(self) -> None:
+        self.supervisor.stop()
         if self.analytics is not None:
             self.analytics.close()
         self.consumer.stop()
+        if self.broker_stats is not None:
+            self.broker_stats.stop()
         self.sink.stop()
         if self.server is not None:
             self.server.stop()
+        stuck = self.supervisor.join(timeout_s=10)
+        if stuck:
+            log.warning("threads still running at close: %s", ", ".join(stuck))
+        self.sink.close()
 
     # -- one batch ------------------------------------------------------------------------
     def commit(self, batch: MessageBatch, outcome: BatchOutcome) -> bool:
@@ -185,23 +281,23 @@ class Pipeline:
         return acked
 
     def transform(self, batch: MessageBatch, now_ns: int) -> BatchOutcome:
-        """Everything between the broker and the database, with no I/O."""
-        decoded = self.decoder.decode(batch.topics, batch.payloads, now_ns)
-        self.metrics.ignored.inc(decoded.ignored)
-        outcome = BatchOutcome()
-        rejections = decoded.rejections
+        """Everything between the broker and the database, with no I/O. Decode, validate and
+        encode run under the error boundary per message (cityflux/ingest/boundary.py): a
+        payload that makes them raise is dead-lettered as internal_error, the rest stored."""
+        staged = stage(
+            self.decoder, self.encoder, self.config.ingest, batch.topics, batch.payloads, now_ns
+        )
+        self.metrics.ignored.inc(staged.ignored)
+        outcome = BatchOutcome(lines=staged.lines)
+        rejections = staged.rejections
         newest = 0
-        accepted: dict[str, Columns] = {}
-        for kind, columns in decoded.columns.items():
-            good, bad = validate(columns, self.config.ingest, now_ns)
-            rejections += bad
-            outcome.lines += self.encoder.encode(good)
+        accepted = staged.columns
+        for kind, good in accepted.items():
             outcome.accepted[kind] = good.readings()
-            accepted[kind] = good
             if len(good):
                 newest = max(newest, int(good.ts_ns.max()))
         if self.analytics is not None:
-            outcome.lines += self._analyse(batch, accepted, rejections, decoded.ignored)
+            outcome.lines += self._analyse(batch, accepted, rejections, staged.ignored)
         if newest:
             self.metrics.event_lag_seconds.set((now_ns - newest) / 1e9)
         # dead letters in the order their messages arrived
@@ -247,16 +343,23 @@ class Pipeline:
         outcome.lines.append(self.letters.line(letter, now_ns + offset))
 
     def _write_durably(self, lines: list[str]) -> Any:
+        """Database or spool, retried while neither can take the lines (spool full, disk
+        full, an unwritable spool): acknowledgements wait, the broker keeps the messages, and
+        /healthz says why. None if stopping meanwhile."""
         while True:
             try:
                 result = self.sink.write(lines)
-            except SpoolFull as exc:
-                self.metrics.spool_full.set(1)
-                log.error("%s: holding acknowledgements; the broker keeps the messages", exc)
+            except SpoolError as exc:
+                full = isinstance(exc, SpoolFull)
+                self.metrics.spool_full.set(1 if full else 0)
+                if self.store_problem != str(exc):
+                    log.error("%s: holding acknowledgements; the broker keeps the messages", exc)
+                self.store_problem = str(exc)
                 if self.stopping.wait(SPOOL_FULL_PAUSE_S):
                     return None
                 continue
             self.metrics.spool_full.set(0)
+            self.store_problem = None
             return result
 
     def _write_derived(self, lines: list[str]) -> None:
@@ -279,8 +382,11 @@ class Pipeline:
         infos = [self.consumer.publish(topic, payload) for topic, payload in letters]
         deadline = time.monotonic() + DEADLETTER_CONFIRM_S
         for info in infos:
-            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-        confirmed = sum(1 for info in infos if info.is_published())
+            if info.rc == paho.MQTT_ERR_NO_CONN:
+                continue  # queued while disconnected: waiting would raise, not help
+            with contextlib.suppress(RuntimeError, ValueError):  # a disconnect meanwhile
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        confirmed = sum(1 for info in infos if _confirmed(info))
         self.metrics.deadletters_published.inc(confirmed)
         if confirmed < len(infos):
             log.warning(
@@ -316,13 +422,32 @@ class Pipeline:
         )
 
     def health(self) -> dict[str, Any]:
+        """What /healthz answers: unhealthy (503) while disconnected from the broker, while
+        durable writes fail, or while a component is down or stalled with work waiting."""
         connected = self.consumer.connected.is_set()
         spool_full = self.metrics.value("spool_full") == 1
+        problems = self.supervisor.problems()
+        if not connected:
+            problems["mqtt"] = "not connected to the broker"
+        if self.store_problem is not None:
+            problems["store"] = self.store_problem
+        if self.starting is not None:
+            problems["starting"] = self.starting
         return {
-            "healthy": connected and not spool_full,
+            "healthy": not problems,
+            "problems": problems,
             "mqtt_connected": connected,
             "database_up": self.sink.database_up,
             "spool_records": len(self.spool),
             "spool_bytes": self.spool.size,
             "spool_full": spool_full,
+            **(self.broker_stats.health() if self.broker_stats is not None else {}),
         }
+
+
+def _confirmed(info: paho.MQTTMessageInfo) -> bool:
+    """The broker has the message; paho raises instead of saying no for one it only queued."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False

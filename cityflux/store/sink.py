@@ -47,7 +47,9 @@ class DurableSink:
         self.database_up = True
         self._appended = threading.Event()
         self._stop = threading.Event()
-        self._drainer: threading.Thread | None = None
+        self._corrupt_seen = (0, 0)  # the spool's counts already added to the metrics
+        self._corrupt_lock = threading.Lock()  # both the ingest and the drain thread add them
+        self._update_spool_gauges()  # the spool may have found damage while opening
 
     # -- the ingest side --------------------------------------------------------------------
     def write(self, lines: list[str]) -> SinkResult:
@@ -99,21 +101,19 @@ class DurableSink:
         return result
 
     # -- the drain side -----------------------------------------------------------------------
-    def start_draining(self) -> None:
-        self._drainer = threading.Thread(target=self._drain_loop, name="spool-drain", daemon=True)
-        self._drainer.start()
-
     def stop(self) -> None:
+        """End :meth:`drain_loop` (its thread belongs to the caller's supervisor)."""
         self._stop.set()
         self._appended.set()
-        if self._drainer is not None:
-            self._drainer.join(timeout=10)
+
+    def close(self) -> None:
         self.writer.close()
 
     def drain_once(self) -> bool:
         """Move the oldest spooled record to the database; False if there was none or it failed."""
         record = self.spool.peek()
         if record is None:
+            self._update_spool_gauges()  # peek may have quarantined corrupt records
             return False
         try:
             self.writer.send(record.body, record.gzip)
@@ -134,15 +134,19 @@ class DurableSink:
         if result.rejected and self.on_rejected is not None:
             self.on_rejected(result.rejected)
 
-    def _drain_loop(self) -> None:
+    def drain_loop(self, progress: Callable[[], None] = lambda: None) -> None:
+        """Empty the spool into the database until :meth:`stop`, backing off while it is
+        down; ``progress`` is called after each record moved and while there is none."""
         attempt = 0
         while not self._stop.is_set():
             if self.spool.empty:
+                progress()
                 self._appended.wait(0.5)
                 self._appended.clear()
                 attempt = 0
                 continue
             if self.drain_once():
+                progress()
                 attempt = 0
                 continue
             attempt += 1
@@ -158,6 +162,11 @@ class DurableSink:
     def _update_spool_gauges(self) -> None:
         self.metrics.spool_bytes.set(self.spool.size)
         self.metrics.spool_records.set(len(self.spool))
+        with self._corrupt_lock:
+            records, files = self.spool.corrupt_records, self.spool.corrupt_files
+            self.metrics.spool_corrupt_records.inc(max(0, records - self._corrupt_seen[0]))
+            self.metrics.spool_corrupt_files.inc(max(0, files - self._corrupt_seen[1]))
+            self._corrupt_seen = (records, files)
 
 
 def _body(record: SpoolRecord) -> bytes:
