@@ -21,8 +21,16 @@ if [ -n "${MQTT_SIMULATOR_PASSWORD:-}" ]; then
   mosquitto_passwd -b "$tmp" simulator "$MQTT_SIMULATOR_PASSWORD"
 fi
 if [ -n "${MQTT_DEVICES_FILE:-}" ] && [ -f "$MQTT_DEVICES_FILE" ]; then
-  while IFS=: read -r device password; do
-    [ -n "$device" ] && mosquitto_passwd -b "$tmp" "$device" "$password"
+  while IFS=: read -r device password || [ -n "$device" ]; do
+    case "$device" in
+      ""|"#"*) continue ;;
+      # a device line must not replace a role's password
+      cityflux|operator|simulator)
+        echo "make-passwd: $MQTT_DEVICES_FILE: $device is a role, not a device" >&2
+        rm -f "$tmp"
+        exit 1 ;;
+    esac
+    mosquitto_passwd -b "$tmp" "$device" "$password"
   done < "$MQTT_DEVICES_FILE"
 fi
 # the broker reads it as user "mosquitto" (its image, the Debian package); nobody else may
