@@ -23,6 +23,10 @@ class IngestError(CityfluxError):
     """The MQTT side failed: connect, subscribe or acknowledge."""
 
 
+class MqttProtocolError(IngestError):
+    """The broker sent a malformed or forbidden packet: drop the connection and reconnect."""
+
+
 class StoreError(CityfluxError):
     """Writing to the time-series database failed."""
 

@@ -38,6 +38,7 @@ autosave_interval 5
 max_inflight_messages {max_inflight}
 max_queued_messages {max_queued}
 max_queued_bytes 0
+max_packet_size 1048576
 persistent_client_expiration 14d
 log_dest file {log_file}
 log_type error

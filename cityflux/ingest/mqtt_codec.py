@@ -6,6 +6,10 @@ manual ``ack`` wakes its network thread through a socket pair. That costs more p
 all of cityflux's decoding and validation together. Here one ``recv`` of up to 256 KiB is parsed
 in one tight loop into three lists, and a batch's PUBACKs go out in one ``sendall``.
 
+The broker is not trusted to be correct: every length is checked against the end of its packet,
+and anything malformed or forbidden raises :class:`MqttProtocolError` (an ``IngestError``), on
+which the consumer drops the connection and reconnects; nothing else escapes :meth:`feed`.
+
 Specifications: MQTT 3.1.1 (OASIS, 2014) sections 2-3; MQTT 5.0 (OASIS, 2019) sections 2-3.
 """
 
@@ -15,15 +19,56 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final
 
-from cityflux.errors import IngestError
+from cityflux.errors import MqttProtocolError
 
-CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
-SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 12, 13, 14
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK = 8, 9, 10, 11
+PINGREQ, PINGRESP, DISCONNECT, AUTH = 12, 13, 14, 15
+PACKET_NAMES: Final = (
+    "reserved-type-0",
+    "CONNECT",
+    "CONNACK",
+    "PUBLISH",
+    "PUBACK",
+    "PUBREC",
+    "PUBREL",
+    "PUBCOMP",
+    "SUBSCRIBE",
+    "SUBACK",
+    "UNSUBSCRIBE",
+    "UNSUBACK",
+    "PINGREQ",
+    "PINGRESP",
+    "DISCONNECT",
+    "AUTH",
+)
 PINGREQ_PACKET: Final = b"\xc0\x00"
 DISCONNECT_PACKET: Final = b"\xe0\x00"
 _PUBACK_HEADER: Final = b"\x40\x02"
 _MAX_REMAINING: Final = 268_435_455
+DEFAULT_MAX_PACKET_SIZE: Final = 1_048_576  # mqtt.max_packet_size
 V311, V5 = 4, 5
+
+# Packets a server may send us, with the remaining lengths they may have: (minimum, maximum).
+# PUBREC/PUBREL/PUBCOMP belong to QoS 2, which we never use; CONNECT, SUBSCRIBE... to clients.
+_CONTROLS: Final = {
+    V311: {
+        CONNACK: (2, 2),
+        PUBACK: (2, 2),
+        SUBACK: (3, _MAX_REMAINING),
+        UNSUBACK: (2, 2),
+        PINGRESP: (0, 0),
+    },
+    V5: {
+        CONNACK: (3, _MAX_REMAINING),  # flags, reason code, property length
+        PUBACK: (2, _MAX_REMAINING),  # reason code and properties may be omitted
+        SUBACK: (4, _MAX_REMAINING),  # packet id, property length, one reason code
+        UNSUBACK: (4, _MAX_REMAINING),
+        PINGRESP: (0, 0),
+        DISCONNECT: (0, _MAX_REMAINING),
+        AUTH: (0, _MAX_REMAINING),
+    },
+}
 
 
 def varint(value: int) -> bytes:
@@ -59,6 +104,7 @@ class ConnectOptions:
     clean: bool = False  # False: a persistent session (the consumer); publishers need none
     will_topic: str | None = None  # the last will, sent QoS 1 and retained
     will_payload: bytes = b""
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE  # MQTT 5: the broker sends nothing larger
 
 
 def connect_packet(options: ConnectOptions) -> bytes:
@@ -85,6 +131,8 @@ def connect_packet(options: ConnectOptions) -> bytes:
             + struct.pack("!I", options.session_expiry_s)
             + b"\x21"
             + struct.pack("!H", options.receive_maximum)
+            + b"\x27"
+            + struct.pack("!I", options.max_packet_size)
         )
         body += varint(len(properties)) + properties
     return _packet(CONNECT << 4, body + payload)
@@ -130,75 +178,168 @@ class Parsed:
 
 
 class PacketReader:
-    """Accumulates bytes from the socket and parses every complete packet in them."""
+    """Accumulates bytes from the socket and parses every complete packet in them.
 
-    def __init__(self, version: int) -> None:
+    Complete packets are parsed straight out of each chunk (payloads are slices of it). Only
+    the one packet that straddles two chunks is kept, in a ``bytearray`` that grows by appending,
+    so a large packet read in small pieces costs linear time: each byte is copied into it once
+    (``buffered_bytes`` counts them). A packet announcing more than ``max_packet_size`` bytes
+    is refused from its header, before any of its body is kept.
+    """
+
+    def __init__(self, version: int, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE) -> None:
         self.version = version
-        self._pending = b""
+        self.max_packet_size = max_packet_size
+        self.buffered_bytes = 0
+        self._partial = bytearray()
 
     def feed(self, data: bytes) -> Parsed:
-        buf = self._pending + data if self._pending else data
+        """Every packet completed by ``data``; raises :class:`MqttProtocolError` if malformed."""
         parsed = Parsed()
-        topics, payloads, ids = parsed.topics, parsed.payloads, parsed.packet_ids
-        v5 = self.version == V5
-        pos, size = 0, len(buf)
-        while pos + 2 <= size:
-            first = buf[pos]
-            length, shift, i, complete = 0, 0, pos + 1, False
-            while i < size:  # remaining length: 1 to 4 bytes
-                byte = buf[i]
-                i += 1
-                length |= (byte & 0x7F) << shift
-                if byte < 0x80:
-                    complete = True
-                    break
-                shift += 7
-                if shift > 21:
-                    raise IngestError("malformed remaining length from the broker")
-            if not complete:
-                break
-            end = i + length
-            if end > size:
-                break
-            if first >> 4 == PUBLISH:
-                topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
-                topics.append(buf[i + 2 : topic_end].decode("utf-8", "replace"))
-                p = topic_end
-                if first & 0x06:
-                    ids.append((buf[p] << 8) | buf[p + 1])
-                    p += 2
-                else:
-                    ids.append(0)
-                if v5:
-                    p = _skip_properties(buf, p)
-                payloads.append(buf[p:end])
-            else:
-                parsed.controls.append(Control(first >> 4, buf[i:end]))
-            pos = end
-        self._pending = buf[pos:]
+        size = len(data)
+        start = self._complete_partial(data, parsed) if self._partial else 0
+        if start < size:
+            pos = self._parse(data, start, size, parsed)
+            if pos < size:
+                self._keep(memoryview(data)[pos:])
         return parsed
 
+    def _keep(self, piece: memoryview) -> None:
+        with piece:
+            self._partial += piece
+            self.buffered_bytes += len(piece)
 
-def _skip_properties(buf: bytes, pos: int) -> int:
-    length, multiplier = 0, 1
-    while True:
+    def _complete_partial(self, data: bytes, parsed: Parsed) -> int:
+        """Extend the straddling packet from ``data``; the offset in ``data`` after it."""
+        partial, used = self._partial, 0
+        header = self._header(partial, 0, len(partial))
+        while header is None and used < len(data):  # the header (<= 5 bytes) straddles too
+            partial.append(data[used])
+            used += 1
+            self.buffered_bytes += 1
+            header = self._header(partial, 0, len(partial))
+        if header is None:
+            return len(data)
+        length, body = header
+        missing = body + length - len(partial)
+        if len(data) - used < missing:
+            self._keep(memoryview(data)[used:])
+            return len(data)
+        self._keep(memoryview(data)[used : used + missing])
+        packet = bytes(partial)
+        partial.clear()
+        self._parse(packet, 0, len(packet), parsed)
+        return used + missing
+
+    def _header(self, buf: bytes | bytearray, pos: int, size: int) -> tuple[int, int] | None:
+        """(remaining length, body offset) of the packet at ``pos``; None if incomplete."""
+        length, shift, i = 0, 0, pos + 1
+        while i < size:
+            byte = buf[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                if byte == 0 and shift:
+                    raise MqttProtocolError("remaining length not in its shortest encoding")
+                if i - pos + length > self.max_packet_size:
+                    raise MqttProtocolError(
+                        f"{PACKET_NAMES[buf[pos] >> 4]} of {i - pos + length} bytes exceeds "
+                        f"mqtt.max_packet_size ({self.max_packet_size})"
+                    )
+                return length, i
+            shift += 7
+            if shift > 21:
+                raise MqttProtocolError("remaining length longer than 4 bytes")
+        return None
+
+    def _parse(self, buf: bytes, pos: int, size: int, parsed: Parsed) -> int:
+        """Parse complete packets from ``pos``; the offset of the first incomplete one."""
+        limit, publish = self.max_packet_size, self._publish
+        while pos + 1 < size:
+            length = buf[pos + 1]
+            if length < 0x80:  # fast paths: a remaining length of 1 or 2 bytes
+                i = pos + 2
+            elif pos + 2 < size and 0 < buf[pos + 2] < 0x80:
+                length, i = (length & 0x7F) | (buf[pos + 2] << 7), pos + 3
+            else:
+                found = self._header(buf, pos, size)
+                if found is None:
+                    break
+                length, i = found
+            end = i + length
+            if end - pos > limit:
+                self._header(buf, pos, size)  # raises, naming the packet and the limit
+            if end > size:
+                break
+            first = buf[pos]
+            if first >> 4 == PUBLISH:
+                publish(buf, first, i, end, parsed)
+            else:
+                parsed.controls.append(self._control(first, buf, i, end))
+            pos = end
+        return pos
+
+    def _publish(self, buf: bytes, first: int, i: int, end: int, parsed: Parsed) -> None:
+        """One PUBLISH whose body is ``buf[i:end]``, every length checked against ``end``."""
+        qos = (first >> 1) & 0x03
+        if qos > 1:  # we subscribe at QoS 1: QoS 2 would need PUBREC, not PUBACK
+            raise MqttProtocolError(f"PUBLISH with QoS {qos}")
+        if i + 2 > end:
+            raise MqttProtocolError(f"PUBLISH of {end - i} bytes has no topic length")
+        p = topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
+        if p > end:
+            raise MqttProtocolError("PUBLISH topic runs past the end of the packet")
+        if p == i + 2:  # empty: a topic alias in MQTT 5, which we never allowed
+            raise MqttProtocolError("PUBLISH with an empty topic")
+        packet_id = 0
+        if qos:
+            packet_id = (buf[p] << 8) | buf[p + 1] if p + 2 <= end else 0
+            if not packet_id:
+                raise MqttProtocolError("QoS 1 PUBLISH without a packet id (or with id 0)")
+            p += 2
+        elif first & 0x08:
+            raise MqttProtocolError("QoS 0 PUBLISH with the DUP flag")
+        if self.version == V5:
+            if p < end and buf[p] < 0x80:  # fast path: a 1-byte property length
+                p += 1 + buf[p]
+                if p > end:
+                    raise MqttProtocolError("MQTT 5 properties run past the end of the packet")
+            else:
+                p = skip_properties(buf, p, end)
+        # invalid UTF-8 becomes U+FFFD, which no topic level allows: a bad_topic dead letter
+        parsed.topics.append(buf[i + 2 : topic_end].decode("utf-8", "replace"))
+        parsed.packet_ids.append(packet_id)
+        parsed.payloads.append(buf[p:end])
+
+    def _control(self, first: int, buf: bytes, start: int, end: int) -> Control:
+        kind, length = first >> 4, end - start
+        limits = _CONTROLS[self.version].get(kind)
+        if limits is None:
+            raise MqttProtocolError(f"unexpected {PACKET_NAMES[kind]} packet from the broker")
+        if first & 0x0F:
+            raise MqttProtocolError(f"{PACKET_NAMES[kind]} with reserved flags {first & 0x0F:#x}")
+        if not limits[0] <= length <= limits[1]:
+            raise MqttProtocolError(f"{PACKET_NAMES[kind]} with a remaining length of {length}")
+        return Control(kind, buf[start:end])
+
+
+def read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A variable byte integer at ``pos`` that must end before ``end``: (value, next offset)."""
+    value, shift = 0, 0
+    while pos < end:
         byte = buf[pos]
         pos += 1
-        length += (byte & 0x7F) * multiplier
+        value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return pos + length
-        multiplier *= 128
+            return value, pos
+        shift += 7
+        if shift > 21:
+            break
+    raise MqttProtocolError("malformed variable byte integer")
 
 
-def connack_result(control: Control, version: int) -> tuple[bool, int]:
-    """(session present, return/reason code) of a CONNACK."""
-    if control.type != CONNACK or len(control.body) < 2:
-        raise IngestError(f"expected CONNACK, got packet type {control.type}")
-    return bool(control.body[0] & 0x01), control.body[1]
-
-
-def suback_codes(control: Control, version: int) -> list[int]:
-    body = control.body[2:]  # after the packet id
-    if version == V5:
-        body = body[_skip_properties(body, 0) :]
-    return list(body)
+def skip_properties(buf: bytes, pos: int, end: int) -> int:
+    length, pos = read_varint(buf, pos, end)
+    if pos + length > end:
+        raise MqttProtocolError("MQTT 5 properties run past the end of the packet")
+    return pos + length

@@ -22,21 +22,23 @@ from collections.abc import Sequence
 from typing import Final
 
 from cityflux.config import MqttConfig
-from cityflux.errors import IngestError
+from cityflux.errors import IngestError, MqttProtocolError
 from cityflux.ingest.mqtt import OFFLINE, open_socket
 from cityflux.ingest.mqtt_codec import (
     CONNACK,
+    DISCONNECT,
     DISCONNECT_PACKET,
     PINGREQ_PACKET,
     PUBACK,
     V5,
     V311,
     ConnectOptions,
+    Control,
     PacketReader,
-    connack_result,
     connect_packet,
     publish_packet,
 )
+from cityflux.ingest.mqtt_control import accepted_connack, disconnect_reason, puback_reason
 
 Message = tuple[str, bytes, bool]  # topic, payload, retain
 MAX_PACKET_ID: Final = 65_535
@@ -63,6 +65,7 @@ class BulkPublisher:
         self.version = V5 if config.protocol == "5" else V311
         self.published = 0
         self.acked = 0
+        self.refused = 0  # MQTT 5 PUBACKs with a reason code >= 0x80 (e.g. 0x87 not authorized)
         self._next_id = 0
         self._cond = threading.Condition()
         self._error: str | None = None
@@ -85,19 +88,25 @@ class BulkPublisher:
             will_payload=will[1] if will else b"",
         )
         sock.sendall(connect_packet(options))
-        reader = PacketReader(self.version)
-        while True:
-            data = sock.recv(4096)
-            if not data:
-                raise IngestError(f"{self.config.url} closed the connection before CONNACK")
-            controls = reader.feed(data).controls
-            if controls and controls[0].type == CONNACK:
-                code = connack_result(controls[0], self.version)[1]
-                if code:
-                    raise IngestError(f"{self.config.url} refused {self.client_id}: code {code}")
-                self._pending_reader = reader
-                sock.settimeout(None)  # sends block until done; the reader polls with select
-                return sock
+        reader = PacketReader(self.version, self.config.max_packet_size)
+        try:
+            while True:
+                data = sock.recv(4096)
+                if not data:
+                    raise IngestError(f"{self.config.url} closed the connection before CONNACK")
+                parsed = reader.feed(data)
+                if parsed.topics or parsed.controls:
+                    break
+            first = parsed.controls[0] if parsed.controls and not parsed.topics else None
+            if first is None or first.type != CONNACK:  # MQTT-3.2.0-1
+                raise MqttProtocolError(f"{self.config.url} sent another packet before CONNACK")
+            accepted_connack(first, self.version)
+        except IngestError as exc:
+            sock.close()
+            raise IngestError(f"{self.client_id} to {self.config.url}: {exc}") from exc
+        self._pending_reader = reader
+        sock.settimeout(None)  # sends block until done; the reader polls with select
+        return sock
 
     @property
     def inflight(self) -> int:
@@ -176,16 +185,33 @@ class BulkPublisher:
                 data, error = b"", str(exc)
             else:
                 error = "the broker closed the connection"
-            if not data:
-                with self._cond:
-                    self._error = self._error or error
-                    self._cond.notify_all()
-                return
-            acks = sum(1 for c in reader.feed(data).controls if c.type == PUBACK)
-            if acks:
-                with self._cond:
-                    self.acked += acks
-                    self._cond.notify_all()
+            if data:
+                try:
+                    self._count_acks(reader.feed(data).controls)
+                    continue
+                except IngestError as exc:  # malformed, or the broker's DISCONNECT
+                    error = f"{self.config.url}: {exc}"
+            with self._cond:
+                self._error = self._error or error
+                self._cond.notify_all()
+            return
+
+    def _count_acks(self, controls: list[Control]) -> None:
+        acks = refused = 0
+        for control in controls:
+            if control.type == PUBACK:
+                acks += 1
+                if puback_reason(control, self.version) >= 0x80:
+                    refused += 1
+            elif control.type == DISCONNECT:
+                raise IngestError(f"disconnected: {disconnect_reason(control, self.version)}")
+            elif control.type == CONNACK:
+                raise MqttProtocolError("a second CONNACK on one connection")
+        if acks:
+            with self._cond:
+                self.acked += acks
+                self.refused += refused
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Disconnect cleanly (no last will)."""
