@@ -76,7 +76,7 @@ class Pipeline:
             config.mqtt.topic_root, config.ingest.deadletter_prefix_bytes
         )
         spool_dir = Path(config.spool.dir) / (f"worker-{worker}" if workers > 1 else "")
-        self.spool = Spool(spool_dir, config.spool.max_bytes, config.spool.segment_bytes)
+        self.spool = Spool(spool_dir, config.spool.max_bytes)
         self.writer = InfluxWriter(config.influx)
         self.sink = DurableSink(self.writer, self.spool, self.metrics, self._dead_letter_lines)
         self.metrics_port = config.metrics.port + worker if config.metrics.port else 0
@@ -261,6 +261,7 @@ class Pipeline:
         if stuck:
             log.warning("threads still running at close: %s", ", ".join(stuck))
         self.sink.close()
+        self.spool.close()
 
     # -- one batch ------------------------------------------------------------------------
     def commit(self, batch: MessageBatch, outcome: BatchOutcome) -> bool:

@@ -126,8 +126,8 @@ class InfluxWriter:
         c = self.config
         params = {"db": c.bucket if c.api == "v2" else c.database, "q": influxql, "epoch": "ns"}
         headers = {"Authorization": f"Token {c.token}"} if c.api == "v2" and c.token else {}
-        if c.username:
-            params.update(u=c.username, p=c.password or "")
+        if c.username and not headers:  # as /write does: never the password in the URL (logs)
+            headers.update(urllib3.make_headers(basic_auth=f"{c.username}:{c.password or ''}"))
         response = self._request(method, f"{self._base}/query?{urlencode(params)}", headers=headers)
         if response.status >= 300:
             raise StoreError(f"query failed: HTTP {response.status}: {_error_text(response.data)}")

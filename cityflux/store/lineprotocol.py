@@ -5,6 +5,13 @@ measurement names escape comma and space; tag keys, tag values and field keys es
 equals sign and space; string field values escape backslash and double quote. Tag values cannot
 hold a newline at all (there is no escape for it), so the escaper refuses them; cityflux's own
 tags are ids from a strict charset, and free text goes into string fields.
+
+String fields carry text a device chose (an unknown key named in a dead letter's message, a
+payload excerpt), so a raw line feed or carriage return must never reach the body: InfluxDB
+reads one inside quotes, but VictoriaMetrics (and other parsers) split lines on every line feed,
+and the rest of the point becomes a bad line of its own. Each is written as a backslash
+followed by ``n`` or ``r``; InfluxDB keeps a backslash before anything but a double quote or a
+backslash as it is, so the stored text shows where the line breaks were.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from cityflux.store.schema import MEASUREMENTS
 
 _MEASUREMENT: Final = str.maketrans({",": r"\,", " ": r"\ "})
 _KEY: Final = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ "})
-_STRING: Final = str.maketrans({"\\": "\\\\", '"': '\\"'})
+_STRING: Final = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r"})
 
 FieldValue = float | int | bool | str
 

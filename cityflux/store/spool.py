@@ -1,65 +1,102 @@
-"""An append-only, fsynced, size-capped disk spool of write bodies, drained in order.
+"""A size-capped disk spool of write bodies in SQLite, drained in order.
 
-Layout: a directory of segment files ``000000000001.spool`` ... Each record is a 9-byte header
-(``<IIB``: body length, CRC-32 of the body, flags) and the body (a line-protocol request body,
-gzip-compressed when flag bit 0 is set). ``append`` returns only after ``fsync``: the MQTT
-acknowledgement that follows it is then safe against a power cut.
+One row per write body in ``spool.sqlite3`` (stdlib ``sqlite3``, WAL journal,
+``synchronous=FULL``). ``append`` returns only after the row is committed, fsynced and
+checkpointed into the database file: the MQTT acknowledgement that follows it is then safe
+against a power cut, and at rest the write-ahead log is empty. That last step matters: SQLite
+stops replaying its WAL at the first frame whose checksum fails, so one flipped bit in a WAL
+holding acknowledged frames would silently drop every later transaction. In the database file
+a flipped bit damages one page, which the checks below find.
 
-Draining re-reads the oldest segment from its start after a restart, so a record may be written
-to InfluxDB twice; that is harmless, because a point with the same series and timestamp
-overwrites itself with the same values. A torn record at the tail (a crash during ``append``)
-fails its CRC, is counted and skipped: it was never acknowledged, so the broker redelivers it.
+SQLite does not checksum pages, so every row carries a CRC-32 of (id, gzip flag, body): a row
+that fails it is moved to the ``quarantine`` table (kept for inspection), counted in
+:attr:`Spool.corrupt_records` and logged, never dropped silently. At start the file is
+``PRAGMA quick_check``-ed; a damaged or unreadable file is salvaged row by row into a fresh one
+and set aside as ``spool.sqlite3.<time>.corrupt`` (docs/operations.md, "The spool").
+
+Draining is at-least-once: a record written to the database but not yet committed here is sent
+again after a restart; harmless, because a point with the same series and timestamp overwrites
+itself with the same values.
+
+The SQLite details (schema, salvage, permissions) are in cityflux/store/spool_db.py.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import struct
+import re
+import sqlite3
 import threading
-import zlib
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from cityflux.errors import SpoolError, SpoolFull
+from cityflux.store.spool_db import (
+    COLUMNS,
+    DB_NAME,
+    MARKER,
+    SIZE_PRAGMAS,
+    Row,
+    Salvage,
+    SpoolRecord,
+    close_quietly,
+    connect,
+    drained_id,
+    fetch_all,
+    fsync_dir,
+    is_corruption,
+    is_environmental,
+    mark_drained,
+    mark_id,
+    private_directory,
+    quick_check,
+    read_segment,
+    record_crc,
+    remove_database,
+    row_length,
+    set_aside,
+    transaction,
+    translated,
+    verified_record,
+)
 
-_HEADER: Final = struct.Struct("<IIB")
-_SUFFIX: Final = ".spool"
-FLAG_GZIP: Final = 1
+__all__ = ["DB_NAME", "Spool", "SpoolRecord", "record_crc"]
 
+log = logging.getLogger(__name__)
 
-@dataclass(frozen=True, slots=True)
-class SpoolRecord:
-    body: bytes
-    gzip: bool
-    segment: int
-    end: int  # offset just past this record in its segment
+_OLD_SEGMENT: Final = re.compile(r"\d{12}\.spool")
+T = TypeVar("T")
 
 
 class Spool:
     """Thread-safe: the ingest thread appends while the drain thread reads and commits."""
 
-    def __init__(self, directory: str | Path, max_bytes: int, segment_bytes: int) -> None:
+    def __init__(self, directory: str | Path, max_bytes: int) -> None:
         self.directory = Path(directory)
+        self.path = self.directory / DB_NAME
         self.max_bytes = max_bytes
-        self.segment_bytes = segment_bytes
-        self.corrupt_records = 0
+        self.corrupt_records = 0  # rows quarantined + rows known lost in a damaged file
+        self.corrupt_files = 0  # database files set aside as *.corrupt
+        self.uncounted_files = 0  # ... of which the losses could not be counted
+        self.records = 0
+        self._bytes = 0
+        self._next_id = 1
         self._lock = threading.Lock()
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SpoolError(f"cannot create spool directory {self.directory}: {exc}") from exc
-        self._segments = sorted(int(p.stem) for p in self.directory.glob(f"*{_SUFFIX}"))
-        self._sizes = {seq: self._path(seq).stat().st_size for seq in self._segments}
-        self._read_offset = 0  # in the oldest segment
-        self.records = sum(self._count(seq) for seq in self._segments)
+        self._conn: sqlite3.Connection | None = None
+        with self._lock, translated("open the spool", self.path):
+            private_directory(self.directory)
+            self._open()
+            self._import_segments()
+            self._warn_about_strays()
 
     # -- state ------------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        """Bytes not yet drained."""
-        with self._lock:
-            return sum(self._sizes.values()) - self._read_offset
+        """Bytes not yet drained (bodies; SQLite's own overhead is not counted)."""
+        return self._bytes
 
     def __len__(self) -> int:
         return self.records
@@ -68,94 +105,245 @@ class Spool:
     def empty(self) -> bool:
         return self.records == 0
 
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
     # -- writing ----------------------------------------------------------------------------
     def append(self, body: bytes, gzip: bool) -> None:
-        """Durably append one body; raises SpoolFull when the cap would be exceeded."""
-        record = _HEADER.pack(len(body), zlib.crc32(body), FLAG_GZIP if gzip else 0) + body
+        """Durably append one body. Raises SpoolFull at the cap, SpoolError on any disk or
+        SQLite error (ENOSPC, "database or disk is full", I/O error)."""
         with self._lock:
-            used = sum(self._sizes.values()) - self._read_offset
-            if used + len(record) > self.max_bytes:
+            if self._bytes + len(body) > self.max_bytes:
                 raise SpoolFull(
-                    f"spool {self.directory} holds {used} bytes; cap is {self.max_bytes}"
+                    f"spool {self.path} holds {self._bytes} bytes; cap is {self.max_bytes}"
                 )
-            seq = self._writable_segment(len(record))
-            try:
-                with self._path(seq).open("ab") as handle:
-                    handle.write(record)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            except OSError as exc:
-                raise SpoolError(f"cannot append to spool: {exc}") from exc
-            self._sizes[seq] += len(record)
-            self.records += 1
+            self._retry_if_corrupt("append to the spool", lambda: self._insert(body, gzip))
 
-    def _writable_segment(self, size: int) -> int:
-        if self._segments and self._sizes[self._segments[-1]] + size <= self.segment_bytes:
-            return self._segments[-1]
-        seq = (self._segments[-1] + 1) if self._segments else 1
-        self._path(seq).touch()
-        _fsync_dir(self.directory)  # the new file's name must survive a crash too
-        self._segments.append(seq)
-        self._sizes[seq] = 0
-        return seq
+    def _insert(self, body: bytes, gzip: bool) -> None:
+        conn = self._connection()
+        record_id = self._next_id
+        row = (record_id, body, int(gzip), len(body), record_crc(record_id, gzip, body))
+        with transaction(conn):
+            conn.execute(f"INSERT INTO records ({COLUMNS}) VALUES (?, ?, ?, ?, ?)", row)
+            mark_id(conn, "appended", record_id)
+        # committed and fsynced (synchronous=FULL): durable from here on, so count it even if
+        # the checkpoint below fails
+        self._next_id += 1
+        self.records += 1
+        self._bytes += len(body)
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Move the WAL into the database file and empty it (see the module docstring)."""
+        fetch_all(self._connection(), "PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- draining ---------------------------------------------------------------------------
     def peek(self) -> SpoolRecord | None:
-        """The oldest record not yet committed, or None."""
+        """The oldest record not yet committed, or None. Corrupt rows are quarantined."""
         with self._lock:
-            while self._segments:
-                seq = self._segments[0]
-                record = self._read_at(seq, self._read_offset)
-                if record is not None:
-                    return record
-                if self._read_offset < self._sizes[seq]:  # torn tail: skip it
-                    self.corrupt_records += 1
-                    self.records = max(0, self.records - 1)
-                self._drop_oldest()
-            return None
+            return self._retry_if_corrupt("read the spool", self._oldest)
+
+    def _oldest(self) -> SpoolRecord | None:
+        conn = self._connection()
+        while True:
+            rows = fetch_all(conn, f"SELECT {COLUMNS} FROM records ORDER BY id LIMIT 1")
+            if not rows:
+                return None
+            record, reason = verified_record(rows[0])
+            if record is not None:
+                return record
+            self._quarantine(rows[0], reason)
+
+    def _quarantine(self, row: Row, reason: str) -> None:
+        conn = self._connection()
+        with transaction(conn):
+            conn.execute(
+                "INSERT INTO quarantine (id, body, gzip, length, crc, reason, at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (*row, reason, time.time()),
+            )
+            conn.execute("DELETE FROM records WHERE id = ?", (row[0],))
+            mark_drained(conn, row[0])
+        self.corrupt_records += 1
+        self.records = max(0, self.records - 1)
+        self._bytes = max(0, self._bytes - row_length(row))
+        log.error(
+            "spool %s: record %s is corrupt (%s): moved to the quarantine table, not sent",
+            self.path,
+            row[0],
+            reason,
+        )
 
     def commit(self, record: SpoolRecord) -> None:
-        """The record was written to the database: forget it."""
+        """The record was written to the database: forget it (idempotent)."""
         with self._lock:
-            if not self._segments or self._segments[0] != record.segment:
-                raise SpoolError("commit of a record that is not the oldest")
-            self._read_offset = record.end
-            self.records -= 1
-            if self._read_offset >= self._sizes[record.segment]:
-                self._drop_oldest()
+            self._retry_if_corrupt("commit a spool record", lambda: self._delete(record))
 
-    def _drop_oldest(self) -> None:
-        seq = self._segments.pop(0)
-        del self._sizes[seq]
-        self._read_offset = 0
-        self._path(seq).unlink(missing_ok=True)
+    def _delete(self, record: SpoolRecord) -> None:
+        conn = self._connection()
+        # Not fsynced: a commit lost in a power cut only sends the record again, which the
+        # database absorbs. The next append's fsync (FULL) makes it durable with it, in order.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with transaction(conn):
+                deleted = conn.execute("DELETE FROM records WHERE id = ?", (record.id,)).rowcount
+                mark_drained(conn, record.id)
+        finally:
+            conn.execute("PRAGMA synchronous=FULL")
+        if deleted:
+            self.records = max(0, self.records - 1)
+            self._bytes = max(0, self._bytes - len(record.body))
+        if self.records == 0:
+            self._shrink()
 
-    def _read_at(self, seq: int, offset: int) -> SpoolRecord | None:
-        with self._path(seq).open("rb") as handle:
-            handle.seek(offset)
-            header = handle.read(_HEADER.size)
-            if len(header) < _HEADER.size:
-                return None
-            length, crc, flags = _HEADER.unpack(header)
-            body = handle.read(length)
-        if len(body) < length or zlib.crc32(body) != crc:
-            return None
-        return SpoolRecord(body, bool(flags & FLAG_GZIP), seq, offset + _HEADER.size + length)
+    def _shrink(self) -> None:
+        """Give the disk back after an outage: an emptied file keeps its size otherwise."""
+        conn = self._connection()
+        page_size, pages = (int(fetch_all(conn, f"PRAGMA {p}")[0][0]) for p in SIZE_PRAGMAS)
+        if page_size * pages < 16 * 1024 * 1024:
+            return
+        try:
+            fetch_all(conn, "VACUUM")
+            self._checkpoint()
+        except sqlite3.Error as exc:  # only disk space is at stake: go on
+            log.warning("spool %s: VACUUM of the empty spool failed: %s", self.path, exc)
 
-    def _count(self, seq: int) -> int:
-        count, offset = 0, 0
-        while (record := self._read_at(seq, offset)) is not None:
-            count += 1
-            offset = record.end
-        return count
+    # -- opening and recovery -------------------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise SpoolError(f"spool {self.path} is closed")
+        return self._conn
 
-    def _path(self, seq: int) -> Path:
-        return self.directory / f"{seq:012d}{_SUFFIX}"
+    def _retry_if_corrupt(self, what: str, action: Callable[[], T]) -> T:
+        """Run ``action``; if SQLite finds the file damaged, rebuild it and run it once more."""
+        with translated(what, self.path):
+            try:
+                return action()
+            except sqlite3.DatabaseError as exc:
+                if not is_corruption(exc):
+                    raise
+                self._rebuild([str(exc)])
+                self._load_state()
+            return action()
 
+    def _open(self) -> None:
+        self._finish_interrupted_rebuild()
+        marker = self.path.with_name(MARKER)
+        existed = self.path.exists() and self.path.stat().st_size > 0
+        problems: list[str] = []
+        if marker.exists() and (not existed or self.path.stat().st_size < 100):
+            problems = ["the database file is missing or shorter than its header"]
+        else:
+            try:
+                self._conn = connect(self.path)
+                if existed:
+                    problems = quick_check(self._conn)
+            except sqlite3.DatabaseError as exc:
+                if is_environmental(exc):  # a full disk, no permission: not damage
+                    raise
+                problems = [str(exc)]
+        if problems:
+            self._rebuild(problems)
+        if not marker.exists():  # from now on an empty or missing file means damage
+            marker.touch(0o600)
+            fsync_dir(self.directory)
+        self._load_state()
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def _load_state(self) -> None:
+        conn = self._connection()
+        count, total, top = fetch_all(
+            conn, "SELECT count(*), coalesce(sum(length), 0), coalesce(max(id), 0) FROM records"
+        )[0]
+        seq = fetch_all(conn, "SELECT coalesce(max(seq), 0) FROM sqlite_sequence")[0][0]
+        quarantined = fetch_all(conn, "SELECT coalesce(max(id), 0) FROM quarantine")[0][0]
+        self.records, self._bytes = int(count), int(total)
+        # never reuse an id, even if the sequence row itself was damaged
+        self._next_id = max(int(top), int(seq), int(quarantined), drained_id(conn)) + 1
+
+    def _rebuild(self, problems: list[str]) -> None:
+        """Salvage what SQLite can read into a fresh file; set the damaged one aside."""
+        log.error(
+            "spool %s is damaged (%s): salvaging its records into a new file",
+            self.path,
+            "; ".join(problems[:5]),
+        )
+        if self._conn is not None:
+            close_quietly(self._conn)
+            self._conn = None
+        fresh = self.path.with_name(DB_NAME + ".new")
+        remove_database(fresh)
+        target = connect(fresh)
+        try:
+            outcome = Salvage(self.path, target).run()
+            fetch_all(target, "PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            target.close()
+        aside = set_aside(self.path)
+        os.replace(fresh, self.path)
+        fsync_dir(self.directory)
+        self.corrupt_files += 1
+        self.uncounted_files += 0 if outcome.counted else 1
+        self.corrupt_records += outcome.quarantined + outcome.lost
+        log.error(
+            "spool: salvaged %d records; %d failed their CRC (quarantined), %d were unreadable%s;"
+            " the damaged file is kept as %s",
+            outcome.salvaged,
+            outcome.quarantined,
+            outcome.lost,
+            "" if outcome.counted else " (the file no longer says how many it held)",
+            aside,
+        )
+        self._conn = connect(self.path)
+
+    def _finish_interrupted_rebuild(self) -> None:
+        """A crash during :meth:`_rebuild`: the finished copy replaces a set-aside original;
+        a copy next to the original is incomplete, and the rebuild starts over."""
+        fresh = self.path.with_name(DB_NAME + ".new")
+        if not fresh.exists():
+            return
+        if self.path.exists():
+            remove_database(fresh)
+        else:
+            os.replace(fresh, self.path)
+            fsync_dir(self.directory)
+
+    # -- the segment files of the previous version -------------------------------------------
+    def _import_segments(self) -> None:
+        """Records of the segment-file spool may be acknowledged: import them, then remove the
+        segments (a segment with unreadable bytes is kept as ``*.spool.corrupt``)."""
+        segments = sorted(
+            (p for p in self.directory.iterdir() if _OLD_SEGMENT.fullmatch(p.name)),
+            key=lambda p: int(p.stem),
+        )
+        for segment in segments:
+            bodies, unreadable = read_segment(segment)
+            for body, gzip in bodies:
+                self._insert(body, gzip)
+            if unreadable:
+                self.corrupt_records += 1
+                os.replace(segment, segment.with_name(segment.name + ".corrupt"))
+                log.error(
+                    "spool: %s has %d unreadable bytes after %d records; kept as *.corrupt",
+                    segment,
+                    unreadable,
+                    len(bodies),
+                )
+            else:
+                segment.unlink()
+            fsync_dir(self.directory)
+            log.warning("spool: imported %d records from %s", len(bodies), segment)
+
+    def _warn_about_strays(self) -> None:
+        ours = {DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", MARKER}
+        strays = [
+            p.name
+            for p in self.directory.iterdir()
+            if p.name not in ours and not p.name.endswith(("corrupt", "corrupt-wal"))
+        ]
+        if strays:
+            log.warning(
+                "spool %s: ignoring files that are not the spool's: %s", self.directory, strays
+            )

@@ -110,7 +110,7 @@ def test_full_spool_holds_acks_and_the_broker_keeps_the_rest(
     config = _own_db_config(
         config,
         own_influxdb,
-        **{"spool.max_bytes": 20_000, "spool.segment_bytes": 5_000, "ingest.batch_size": 200},
+        **{"spool.max_bytes": 20_000, "ingest.batch_size": 200},
     )
     db = InfluxWriter(config.influx)
     db.ensure_database()
