@@ -9,11 +9,9 @@ survives a restart: every change is written to SQLite before it is published.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import operator
-import os
 import sqlite3
 import threading
 import tomllib
@@ -29,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cityflux.errors import ConfigError
+from cityflux.files import private_sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +147,7 @@ class AlertStore:
     COLUMNS: Final = tuple(Alert.__struct_fields__)
 
     def __init__(self, path: str | Path) -> None:
-        _private(Path(path))
+        private_sqlite_file(Path(path))
         try:
             self.db = self._open(Path(path))
         except sqlite3.DatabaseError as exc:
@@ -157,7 +156,7 @@ class AlertStore:
             # still hold raise their alerts again; acknowledgements in the file are lost.
             aside = _set_aside(Path(path))
             log.error("alert database %s is unreadable (%s): moved to %s", path, exc, aside)
-            _private(Path(path))
+            private_sqlite_file(Path(path))
             self.db = self._open(Path(path))
 
     def _open(self, path: Path) -> sqlite3.Connection:
@@ -239,20 +238,6 @@ class AlertStore:
 
     def close(self) -> None:
         self.db.close()
-
-
-def _private(path: Path) -> None:
-    """Alerts name places and devices: the database is the owner's only (0600, its directory
-    0700 when created here). SQLite gives its -wal and -shm files the database's mode; files an
-    older version left readable are narrowed too."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):  # an empty file is a new SQLite database
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    for name in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
-        with contextlib.suppress(FileNotFoundError):
-            info = name.stat()
-            if info.st_mode & 0o077 and info.st_uid == os.geteuid():  # ours, and readable
-                name.chmod(0o600)
 
 
 class AlertEngine:

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cityflux.errors import CityfluxError
+from cityflux.files import fsync_directory, private_directory
 
 Array = npt.NDArray[Any]
 NUMERIC = "biuf"  # bool, signed, unsigned, float: np.load(allow_pickle=False) gives no objects
@@ -48,7 +49,7 @@ class Layout:
 
 
 def write(path: Path, arrays: dict[str, Array]) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_directory(path.parent)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -61,14 +62,6 @@ def write(path: Path, arrays: dict[str, Array]) -> None:
         temporary.unlink(missing_ok=True)  # a full disk must not leave a half file behind
         raise
     fsync_directory(path.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read(path: Path) -> dict[str, Array]:

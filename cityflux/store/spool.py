@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from cityflux.errors import SpoolError, SpoolFull
+from cityflux.files import fsync_directory, private_directory
 from cityflux.store.spool_db import (
     COLUMNS,
     DB_NAME,
@@ -46,12 +47,10 @@ from cityflux.store.spool_db import (
     connect,
     drained_id,
     fetch_all,
-    fsync_dir,
     is_corruption,
     is_environmental,
     mark_drained,
     mark_id,
-    private_directory,
     quick_check,
     read_segment,
     record_crc,
@@ -249,7 +248,7 @@ class Spool:
             self._rebuild(problems)
         if not marker.exists():  # from now on an empty or missing file means damage
             marker.touch(0o600)
-            fsync_dir(self.directory)
+            fsync_directory(self.directory)
         self._load_state()
 
     def _load_state(self) -> None:
@@ -283,7 +282,7 @@ class Spool:
             target.close()
         aside = set_aside(self.path)
         os.replace(fresh, self.path)
-        fsync_dir(self.directory)
+        fsync_directory(self.directory)
         self.corrupt_files += 1
         self.uncounted_files += 0 if outcome.counted else 1
         self.corrupt_records += outcome.quarantined + outcome.lost
@@ -308,7 +307,7 @@ class Spool:
             remove_database(fresh)
         else:
             os.replace(fresh, self.path)
-            fsync_dir(self.directory)
+            fsync_directory(self.directory)
 
     # -- the segment files of the previous version -------------------------------------------
     def _import_segments(self) -> None:
@@ -333,7 +332,7 @@ class Spool:
                 )
             else:
                 segment.unlink()
-            fsync_dir(self.directory)
+            fsync_directory(self.directory)
             log.warning("spool: imported %d records from %s", len(bodies), segment)
 
     def _warn_about_strays(self) -> None:

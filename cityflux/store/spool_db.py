@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from cityflux.errors import SpoolError
+from cityflux.files import private_sqlite_file
 
 log = logging.getLogger("cityflux.store.spool")
 
@@ -64,7 +65,7 @@ _SHRINK_BYTES: Final = 16 * 1024 * 1024
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    _private_file(path)
+    private_sqlite_file(path)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
@@ -331,24 +332,6 @@ def _try_int(conn: sqlite3.Connection, sql: str) -> int | None:
 
 
 # -- files -----------------------------------------------------------------------------------
-def private_directory(directory: Path) -> None:
-    """0700 whatever the umask: the spool holds every reading of the city."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(directory, 0o700)
-
-
-def _private_file(path: Path) -> None:
-    """Create the database file 0600 before SQLite does; its -wal and -shm copy its mode."""
-    created = not path.exists()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-    if created:
-        fsync_dir(path.parent)
-
-
 def set_aside(path: Path) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     aside = path.with_name(f"{path.name}.{stamp}.corrupt")
@@ -383,11 +366,3 @@ def read_segment(path: Path) -> tuple[list[tuple[bytes, bool]], int]:
         bodies.append((body, bool(flags & 1)))
         offset += _OLD_HEADER.size + length
     return bodies, len(data) - offset
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
