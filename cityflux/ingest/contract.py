@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -30,6 +30,7 @@ class Reason(StrEnum):
     MISMATCH = "mismatch"
     WRITE_REJECTED = "write_rejected"
     TOO_LATE = "too_late"  # stored, but after its analytics window closed (docs/analytics.md)
+    INTERNAL_ERROR = "internal_error"  # decoding or validating this payload raised: our bug
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,7 @@ class FieldSpec:
 
     @property
     def python_type(self) -> Any:
-        return {"float": float, "int": int, "bool": bool}[self.type]
+        return {"float": float, "int": Int64, "bool": bool}[self.type]
 
 
 def _f(name: str, unit: str, low: float, high: float, description: str) -> FieldSpec:
@@ -104,6 +105,13 @@ STATUS_STATES: Final = ("online", "offline")
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 # -- msgspec types the decoder produces -----------------------------------------------------
+# Integer fields become int64 columns (and InfluxDB integers, which are int64 too): msgspec
+# accepts JSON integers of any size, so the bound is part of the type. Out of it is a failed
+# typed decode, which the slow path names out_of_range. Timestamps stay unbounded here: the
+# timestamp conversion turns what int64 nanoseconds cannot hold into bad_timestamp.
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 Timestamp = int | str | None
 
 
@@ -127,14 +135,14 @@ ManholeReading: Any = msgspec.defstruct(
 
 
 class Lane(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    lane: int
-    count: int
+    lane: Int64
+    count: Int64
     occupancy_pct: float
     speed_kmh: float | None = None
 
 
 class TrafficReading(_Common, frozen=True, kw_only=True):
-    interval_s: int
+    interval_s: Int64
     lanes: list[Lane]
 
 

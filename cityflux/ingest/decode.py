@@ -4,6 +4,10 @@ The hot path is: a cached topic lookup and one msgspec C call per message, then 
 ``attrgetter`` map per field per batch to build the columns. Only payloads that fail the typed
 decode take the slow path (``_salvage``), which finds out exactly why and keeps the good
 readings of a partly bad array.
+
+Nothing a payload holds may raise here: integers are bounded to int64 by the types (the slow
+path names a bigger one out_of_range), timestamps outside int64 nanoseconds become
+bad_timestamp, and duplicate keys are found by counting (:mod:`cityflux.ingest.keys`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cityflux.config import IngestConfig
+from cityflux.ingest import keys
 from cityflux.ingest.batch import BOOL_ABSENT, Columns, Decoded, Rejection
 from cityflux.ingest.contract import (
     KIND_FIELDS,
@@ -33,7 +38,14 @@ from cityflux.ingest.contract import (
 from cityflux.ingest.timestamps import to_epoch_ns
 from cityflux.ingest.topics import DeviceTopic, TopicParser, TopicRejection
 
-_REASON_WORDS = (("out of range", Reason.OUT_OF_RANGE),)
+# msgspec's words for a number outside its type: a float overflow (1e400), an integer outside
+# the int64 bounds of the contract's types, or one too long for msgspec to read at all
+_REASON_WORDS = (
+    ("out of range", Reason.OUT_OF_RANGE),
+    ("expected `int` <=", Reason.OUT_OF_RANGE),
+    ("expected `int` >=", Reason.OUT_OF_RANGE),
+)
+_TIMESTAMP_PATHS = ("`$.ts`", "`$.ts_ns`")
 NUMBER_OUT_OF_RANGE = object()  # what _generic_json returns for 1e400: JSON, but not a float
 
 
@@ -45,6 +57,8 @@ class _KindRows:
     message_index: list[int] = field(default_factory=list)
     reading_index: list[int] = field(default_factory=list)
     topics: list[DeviceTopic] = field(default_factory=list)
+    # keys present per reading (see cityflux.ingest.keys), filled while building columns
+    keys: npt.NDArray[np.int64] | int = 0
 
     def add(self, reading: Any, index: int, position: int, topic: DeviceTopic) -> None:
         self.readings.append(reading)
@@ -72,6 +86,8 @@ class BatchDecoder:
         rows: dict[str, _KindRows] = {kind: _KindRows() for kind in self._typed}
         rejections: list[Rejection] = []
         ignored = 0
+        fast: list[bytes] = []  # payloads whose readings all decoded typed: checked by counting
+        slow: set[int] = set()  # messages the slow path took: checked there, one by one
         parse, typed, limit = self.topics.parse, self._typed, self.config.max_payload_bytes
         for index, (topic, payload) in enumerate(zip(topics, payloads, strict=True)):
             parsed = parse(topic)
@@ -80,16 +96,19 @@ class BatchDecoder:
                 try:
                     value = typed[parsed.kind].decode(payload)
                 except _DECODE_ERRORS:
+                    slow.add(index)
                     self._salvage(parsed, payload, index, rows[parsed.kind], rejections)
                     continue
                 if type(value) is list:
-                    self._add_array(parsed, value, index, rows[parsed.kind], rejections)
+                    if self._add_array(parsed, value, index, rows[parsed.kind], rejections):
+                        fast.append(payload)
                 else:
                     kind_rows = rows[parsed.kind]
                     kind_rows.readings.append(value)
                     kind_rows.message_index.append(index)
                     kind_rows.reading_index.append(0)
                     kind_rows.topics.append(parsed)
+                    fast.append(payload)
             elif parsed is None:
                 ignored += 1
             else:
@@ -99,6 +118,11 @@ class BatchDecoder:
             for kind, kind_rows in rows.items()
             if kind_rows.readings
         }
+        if fast:  # not one payload may hold a key twice (module keys)
+            counts = _key_counts(rows)
+            if not keys.cleared(b"".join(fast), keys.total(counts, slow)):
+                found = keys.find_duplicates(payloads, counts, slow)
+                columns, rejections = keys.drop_duplicates(columns, rejections, found)
         return Decoded(columns, rejections, ignored)
 
     def _decode_other(
@@ -127,10 +151,12 @@ class BatchDecoder:
         index: int,
         rows: _KindRows,
         rejections: list[Rejection],
-    ) -> None:
-        if self._array_size_ok(value, index, rejections):
-            for position, reading in enumerate(value):
-                rows.add(reading, index, position, topic)
+    ) -> bool:
+        if not self._array_size_ok(value, index, rejections):
+            return False
+        for position, reading in enumerate(value):
+            rows.add(reading, index, position, topic)
+        return True
 
     def _array_size_ok(self, value: list[Any], index: int, rejections: list[Rejection]) -> bool:
         limit = self.config.max_readings_per_message
@@ -169,9 +195,15 @@ class BatchDecoder:
         decoder = self._one[topic.kind]
         for position, element in enumerate(elements):
             try:
-                rows.add(decoder.decode(element), index, position, topic)
+                reading = decoder.decode(element)
             except (msgspec.ValidationError, RecursionError):
                 rejections.append(self._explain(topic, bytes(element), index, position))
+                continue
+            duplicate = keys.duplicate_key(bytes(element))
+            if duplicate is not None:
+                rejections.append(_duplicate_rejection(duplicate, index, position))
+                continue
+            rows.add(reading, index, position, topic)
 
     def _explain(
         self, topic: DeviceTopic, payload: bytes, index: int, position: int | None
@@ -186,6 +218,8 @@ class BatchDecoder:
             error = "expected a reading object or an array of reading objects"
         for words, reason in _REASON_WORDS:
             if words in error.lower():
+                if error.endswith(_TIMESTAMP_PATHS):  # ts = 10**5000: unreadable as a time
+                    return Rejection(Reason.BAD_TIMESTAMP, error, index, position)
                 return Rejection(reason, error, index, position)
         other = self._other_kind(topic.kind, payload) if "unknown field" in error else None
         if other is not None:
@@ -226,6 +260,14 @@ class BatchDecoder:
             message = f"state {status.state!r} is not one of {', '.join(STATUS_STATES)}"
             rejections.append(Rejection(Reason.SCHEMA, message, index))
             return
+        expected = 1 + (status.ts is not None) + (status.ts_ns is not None)
+        if type(status.ts) is str:
+            expected += status.ts.count(":")
+        if not keys.cleared(payload, expected):
+            duplicate = keys.duplicate_key(payload)
+            if duplicate is not None:
+                rejections.append(_duplicate_rejection(duplicate, index, None))
+                return
         rows.add(status, index, 0, topic)
 
 
@@ -255,10 +297,12 @@ def _generic_json(payload: bytes) -> Any:
 # -- columns ---------------------------------------------------------------------------------
 def _build_columns(kind: str, rows: _KindRows, now_ns: int, rejections: list[Rejection]) -> Columns:
     readings = rows.readings
+    ts = list(map(attrgetter("ts"), readings))
+    ts_given = list(map(attrgetter("ts_ns"), readings))
     ts_ns = to_epoch_ns(
-        list(map(attrgetter("ts"), readings)),
-        list(map(attrgetter("ts_ns"), readings)),
-        default_ns=now_ns if kind == "status" else None,  # a last will carries no clock
+        ts,
+        ts_given,
+        default_ns=now_ns if kind == "status" else None,  # a will has no clock
     )
     columns = Columns(
         kind=kind,
@@ -276,13 +320,25 @@ def _build_columns(kind: str, rows: _KindRows, now_ns: int, rejections: list[Rej
         columns.tags["kind"] = np.array([t.kind for t in rows.topics], dtype=object)
         columns.fields["online"] = np.array([s.state == "online" for s in readings], dtype=np.int8)
         return columns
-    keep = _claims_match(kind, readings, rows.topics, columns, rejections)
+    claimed_ids = list(map(attrgetter("device_id"), readings))
+    claimed_kinds = list(map(attrgetter("kind"), readings))
+    rows.keys = _string_keys(ts) + keys.present(ts_given) + _string_keys(claimed_ids)
+    rows.keys = rows.keys + _string_keys(claimed_kinds)
+    keep = _claims_match(kind, claimed_ids, claimed_kinds, rows.topics, columns, rejections)
     if kind == "traffic":
-        return _traffic_columns(readings, columns, keep, rejections)
+        return _traffic_columns(readings, columns, keep, rejections, rows)
     for spec in KIND_FIELDS[kind]:
         columns.fields[spec.name] = _column(spec, list(map(attrgetter(spec.name), readings)))
-    keep &= _has_measurements(columns, rejections)
+    present = _present_fields(columns)
+    rows.keys = rows.keys + present
+    keep &= _has_measurements(columns, present, rejections)
     return columns.select(keep)
+
+
+def _string_keys(values: list[Any]) -> npt.NDArray[np.int64] | int:
+    """Keys of a column of optional strings, plus the colons inside them (module keys)."""
+    given = keys.present(values)
+    return given if type(given) is int and given == 0 else given + keys.string_colons(values)
 
 
 def _column(spec: FieldSpec, values: list[Any]) -> npt.NDArray[Any]:
@@ -312,16 +368,16 @@ def _reject_rows(
 
 def _claims_match(
     kind: str,
-    readings: list[Any],
+    claimed_ids: list[str | None],
+    claimed_kinds: list[str | None],
     topics: list[DeviceTopic],
     columns: Columns,
     rejections: list[Rejection],
 ) -> npt.NDArray[np.bool_]:
     """Rows whose optional ``device_id``/``kind`` claims agree with their topic."""
-    keep = np.ones(len(readings), dtype=np.bool_)
-    claimed_ids = list(map(attrgetter("device_id"), readings))
-    claimed_kinds = list(map(attrgetter("kind"), readings))
-    if claimed_ids.count(None) == len(readings) and claimed_kinds.count(None) == len(readings):
+    size = len(topics)
+    keep = np.ones(size, dtype=np.bool_)
+    if claimed_ids.count(None) == size and claimed_kinds.count(None) == size:
         return keep  # the usual case: nothing claimed, nothing to compare
     for row, topic in enumerate(topics):
         claimed_id, claimed_kind = claimed_ids[row], claimed_kinds[row]
@@ -345,10 +401,17 @@ def _claims_match(
     return keep
 
 
-def _has_measurements(columns: Columns, rejections: list[Rejection]) -> npt.NDArray[np.bool_]:
-    present = np.zeros(len(columns), dtype=np.int32)
+def _present_fields(columns: Columns) -> npt.NDArray[np.int64]:
+    """Measurement fields each row carries (None became NaN or BOOL_ABSENT)."""
+    present = np.zeros(len(columns), dtype=np.int64)
     for column in columns.fields.values():
         present += (column != BOOL_ABSENT) if column.dtype == np.int8 else ~np.isnan(column)
+    return present
+
+
+def _has_measurements(
+    columns: Columns, present: npt.NDArray[np.int64], rejections: list[Rejection]
+) -> npt.NDArray[np.bool_]:
     empty: npt.NDArray[np.bool_] = present == 0
     _reject_rows(columns, empty, Reason.SCHEMA, "reading carries no measurement field", rejections)
     return ~empty
@@ -359,6 +422,7 @@ def _traffic_columns(
     columns: Columns,
     keep: npt.NDArray[np.bool_],
     rejections: list[Rejection],
+    rows: _KindRows,
 ) -> Columns:
     """One row per lane; a reading with no lanes or repeated lanes is rejected whole."""
     lane_counts = np.array([len(r.lanes) for r in readings], dtype=np.int64)
@@ -381,13 +445,11 @@ def _traffic_columns(
                     int(columns.reading_index[row]),
                 )
             )
-    lane_counts[~keep] = 0
-    kept = [r for r, ok in zip(readings, keep.tolist(), strict=True) if ok]
-    lanes_flat = [lane for reading in kept for lane in reading.lanes]
-    per_row = lane_counts
+    # every lane of every reading, rejected ones too (their keys are counted), then the kept
+    lanes_flat = [lane for reading in readings for lane in reading.lanes]
 
     def repeat(column: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        return np.repeat(column, per_row)
+        return np.repeat(column, lane_counts)
 
     fields: dict[str, npt.NDArray[Any]] = {
         spec.name: repeat(_column(spec, list(map(attrgetter(spec.name), readings))))
@@ -395,7 +457,12 @@ def _traffic_columns(
     }
     for spec in LANE_FIELDS:
         fields[spec.name] = _column(spec, list(map(attrgetter(spec.name), lanes_flat)))
-    return Columns(
+    # keys: interval_s and lanes; per lane its three required fields, and speed_kmh if given
+    lane_keys = 3 + (~np.isnan(fields["speed_kmh"])).astype(np.int64)
+    owner = np.repeat(np.arange(len(readings)), lane_counts)
+    per_reading = np.bincount(owner, weights=lane_keys, minlength=len(readings))
+    rows.keys = rows.keys + 2 + per_reading.astype(np.int64)
+    columns = Columns(
         kind="traffic",
         tags={name: repeat(column) for name, column in columns.tags.items()},
         fields=fields,
@@ -404,3 +471,21 @@ def _traffic_columns(
         reading_index=repeat(columns.reading_index),
         group=repeat(columns.group),
     )
+    return columns if keep.all() else columns.select(repeat(keep))
+
+
+# -- duplicate keys (module keys) -------------------------------------------------------------
+def _key_counts(rows: dict[str, _KindRows]) -> list[keys.KeyCounts]:
+    """Per reading kind: each row's message and the keys its reading holds."""
+    return [
+        (
+            kind_rows.message_index,
+            np.broadcast_to(np.asarray(kind_rows.keys, dtype=np.int64), (len(kind_rows.readings),)),
+        )
+        for kind, kind_rows in rows.items()
+        if kind != "status" and kind_rows.readings
+    ]
+
+
+def _duplicate_rejection(key: str, index: int, position: int | None) -> Rejection:
+    return Rejection(Reason.SCHEMA, f"duplicate key {key}", index, position)

@@ -10,6 +10,14 @@ The broker is not trusted to be correct: every length is checked against the end
 and anything malformed or forbidden raises :class:`MqttProtocolError` (an ``IngestError``), on
 which the consumer drops the connection and reconnects; nothing else escapes :meth:`feed`.
 
+A PUBLISH over ``mqtt.max_packet_size`` is not an error: a broker with a larger limit (any
+broker under MQTT 3.1.1) would redeliver it after every reconnect and ingest would never get
+past it. :class:`PacketReader` reads it through instead: it keeps the packet's first bytes
+(header, topic, packet id, MQTT 5 properties and the start of the payload; at most
+``OVERSIZE_KEEP`` and never more than the limit), counts the rest away as it arrives, and returns
+the message with an :class:`OversizedPayload`, which the decoder dead-letters as ``too_large``
+and the consumer acknowledges with its batch. Any other packet over the limit is an error.
+
 Specifications: MQTT 3.1.1 (OASIS, 2014) sections 2-3; MQTT 5.0 (OASIS, 2019) sections 2-3.
 """
 
@@ -47,6 +55,9 @@ DISCONNECT_PACKET: Final = b"\xe0\x00"
 _PUBACK_HEADER: Final = b"\x40\x02"
 _MAX_REMAINING: Final = 268_435_455
 DEFAULT_MAX_PACKET_SIZE: Final = 1_048_576  # mqtt.max_packet_size
+# What is kept of a PUBLISH over the limit: room for the longest topic MQTT allows (65,535
+# bytes), the packet id, some properties and the dead letter's payload prefix (1 KiB).
+OVERSIZE_KEEP: Final = 80 * 1024
 V311, V5 = 4, 5
 
 # Packets a server may send us, with the remaining lengths they may have: (minimum, maximum).
@@ -104,7 +115,9 @@ class ConnectOptions:
     clean: bool = False  # False: a persistent session (the consumer); publishers need none
     will_topic: str | None = None  # the last will, sent QoS 1 and retained
     will_payload: bytes = b""
-    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE  # MQTT 5: the broker sends nothing larger
+    # MQTT 5 Maximum Packet Size: the broker then sends nothing larger, but drops it unseen
+    # (mosquitto 2.0 counts no such drop). None: not sent (the default of the consumer).
+    max_packet_size: int | None = DEFAULT_MAX_PACKET_SIZE
 
 
 def connect_packet(options: ConnectOptions) -> bytes:
@@ -131,9 +144,9 @@ def connect_packet(options: ConnectOptions) -> bytes:
             + struct.pack("!I", options.session_expiry_s)
             + b"\x21"
             + struct.pack("!H", options.receive_maximum)
-            + b"\x27"
-            + struct.pack("!I", options.max_packet_size)
         )
+        if options.max_packet_size is not None:
+            properties += b"\x27" + struct.pack("!I", options.max_packet_size)
         body += varint(len(properties)) + properties
     return _packet(CONNECT << 4, body + payload)
 
@@ -169,12 +182,71 @@ class Control:
     body: bytes
 
 
+class OversizedPayload(bytes):
+    """The kept start of a payload too large to keep whole; ``len()`` is its size on the wire.
+
+    Its bytes (what slicing, msgspec and the dead letter's prefix see) are the first ones of the
+    payload; its length is the real one, so the decoder's ``len(payload) >
+    ingest.max_payload_bytes`` rejects it as ``too_large`` with the true size in the message,
+    and the dead letter's ``payload_bytes`` and ``truncated`` are right, with no check added to
+    the hot path. ``kept`` is how many bytes it holds.
+    """
+
+    size: int
+
+    def __new__(cls, prefix: bytes, size: int) -> OversizedPayload:
+        payload = super().__new__(cls, prefix)
+        payload.size = size
+        return payload
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def kept(self) -> int:
+        return len(memoryview(self))
+
+
 @dataclass(slots=True)
 class Parsed:
     topics: list[str] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)
     packet_ids: list[int] = field(default_factory=list)  # 0 for QoS 0 (nothing to ack)
     controls: list[Control] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _ReadThrough:
+    """A PUBLISH over the limit being read: its first ``keep`` bytes kept, the rest counted.
+
+    The packet id of a QoS 1 PUBLISH whose topic runs past the kept bytes is picked out of the
+    stream as it passes, so that even that message can be acknowledged.
+    """
+
+    total: int  # bytes of the whole packet
+    body: int  # offset of the variable header (after the remaining length)
+    keep: int  # at most this many bytes of the packet are kept (always past the topic length)
+    qos: int
+    kept: bytearray = field(default_factory=bytearray)
+    seen: int = 0  # bytes of the packet consumed so far
+    pid_at: int = -1  # offset of the packet id, once the topic length is known (QoS 1)
+    pid: bytearray = field(default_factory=bytearray)  # the packet id, if not in ``kept``
+
+    def take(self, data: bytes | bytearray, pos: int, count: int) -> int:
+        """Consume ``data[pos:pos + count]``; the number of bytes kept."""
+        start, kept = self.seen, 0
+        room = self.keep - len(self.kept)
+        if room > 0:
+            kept = min(room, count)
+            with memoryview(data) as view:
+                self.kept += view[pos : pos + kept]
+        self.seen += count
+        if self.qos and self.pid_at < 0 and len(self.kept) >= self.body + 2:
+            self.pid_at = self.body + 2 + int.from_bytes(self.kept[self.body : self.body + 2])
+        if self.pid_at + 2 > self.keep:  # not (wholly) kept: pick it out as it passes
+            for at in range(max(start, self.pid_at), min(self.seen, self.pid_at + 2)):
+                self.pid.append(data[pos + at - start])
+        return kept
 
 
 class PacketReader:
@@ -184,24 +256,40 @@ class PacketReader:
     the one packet that straddles two chunks is kept, in a ``bytearray`` that grows by appending,
     so a large packet read in small pieces costs linear time: each byte is copied into it once
     (``buffered_bytes`` counts them). A packet announcing more than ``max_packet_size`` bytes
-    is refused from its header, before any of its body is kept.
+    is never buffered: a PUBLISH is read through (``oversized`` counts them, ``discarded_bytes``
+    what was not kept of them), anything else is refused from its header.
     """
 
-    def __init__(self, version: int, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE) -> None:
+    def __init__(
+        self,
+        version: int,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        oversize_keep: int = OVERSIZE_KEEP,
+    ) -> None:
         self.version = version
         self.max_packet_size = max_packet_size
+        # at least the fixed header and the topic length, which say where the packet id is
+        self.oversize_keep = max(min(max_packet_size, oversize_keep), 8)
         self.buffered_bytes = 0
+        self.oversized = 0
+        self.discarded_bytes = 0
         self._partial = bytearray()
+        self._through: _ReadThrough | None = None
 
     def feed(self, data: bytes) -> Parsed:
         """Every packet completed by ``data``; raises :class:`MqttProtocolError` if malformed."""
         parsed = Parsed()
-        size = len(data)
-        start = self._complete_partial(data, parsed) if self._partial else 0
-        if start < size:
-            pos = self._parse(data, start, size, parsed)
-            if pos < size:
-                self._keep(memoryview(data)[pos:])
+        size, pos = len(data), 0
+        while pos < size:
+            if self._through is not None:
+                pos = self._read_through(data, pos, parsed)
+            elif self._partial:
+                pos = self._complete_partial(data, pos, parsed)
+            else:
+                pos = self._parse(data, pos, size, parsed)
+                if pos < size and self._through is None:
+                    self._keep(memoryview(data)[pos:])
+                    pos = size
         return parsed
 
     def _keep(self, piece: memoryview) -> None:
@@ -209,9 +297,9 @@ class PacketReader:
             self._partial += piece
             self.buffered_bytes += len(piece)
 
-    def _complete_partial(self, data: bytes, parsed: Parsed) -> int:
-        """Extend the straddling packet from ``data``; the offset in ``data`` after it."""
-        partial, used = self._partial, 0
+    def _complete_partial(self, data: bytes, pos: int, parsed: Parsed) -> int:
+        """Extend the straddling packet from ``data[pos:]``; the offset in ``data`` after it."""
+        partial, used = self._partial, pos
         header = self._header(partial, 0, len(partial))
         while header is None and used < len(data):  # the header (<= 5 bytes) straddles too
             partial.append(data[used])
@@ -221,6 +309,11 @@ class PacketReader:
         if header is None:
             return len(data)
         length, body = header
+        if body + length > self.max_packet_size:  # only the header is here: move it over
+            through = self._start_read_through(partial[0], body, body + length)
+            through.take(partial, 0, len(partial))
+            partial.clear()
+            return used
         missing = body + length - len(partial)
         if len(data) - used < missing:
             self._keep(memoryview(data)[used:])
@@ -241,11 +334,6 @@ class PacketReader:
             if byte < 0x80:
                 if byte == 0 and shift:
                     raise MqttProtocolError("remaining length not in its shortest encoding")
-                if i - pos + length > self.max_packet_size:
-                    raise MqttProtocolError(
-                        f"{PACKET_NAMES[buf[pos] >> 4]} of {i - pos + length} bytes exceeds "
-                        f"mqtt.max_packet_size ({self.max_packet_size})"
-                    )
                 return length, i
             shift += 7
             if shift > 21:
@@ -253,7 +341,8 @@ class PacketReader:
         return None
 
     def _parse(self, buf: bytes, pos: int, size: int, parsed: Parsed) -> int:
-        """Parse complete packets from ``pos``; the offset of the first incomplete one."""
+        """Parse complete packets from ``pos``; the offset of the first incomplete one (or of
+        a PUBLISH over the limit, which :meth:`_read_through` then consumes)."""
         limit, publish = self.max_packet_size, self._publish
         while pos + 1 < size:
             length = buf[pos + 1]
@@ -268,7 +357,8 @@ class PacketReader:
                 length, i = found
             end = i + length
             if end - pos > limit:
-                self._header(buf, pos, size)  # raises, naming the packet and the limit
+                self._start_read_through(buf[pos], i - pos, end - pos)
+                break
             if end > size:
                 break
             first = buf[pos]
@@ -311,6 +401,62 @@ class PacketReader:
         parsed.packet_ids.append(packet_id)
         parsed.payloads.append(buf[p:end])
 
+    # -- a PUBLISH over the limit ---------------------------------------------------------
+    def _start_read_through(self, first: int, body: int, total: int) -> _ReadThrough:
+        """Begin reading a PUBLISH of ``total`` bytes through; any other packet is refused."""
+        if first >> 4 != PUBLISH:
+            raise MqttProtocolError(
+                f"{PACKET_NAMES[first >> 4]} of {total} bytes exceeds "
+                f"mqtt.max_packet_size ({self.max_packet_size})"
+            )
+        keep = max(self.oversize_keep, body + 2)
+        self._through = _ReadThrough(total, body, keep, _publish_qos(first))
+        return self._through
+
+    def _read_through(self, data: bytes, pos: int, parsed: Parsed) -> int:
+        """Consume the oversized PUBLISH's bytes in ``data[pos:]``; the offset after them."""
+        through = self._through
+        assert through is not None
+        count = min(len(data) - pos, through.total - through.seen)
+        kept = through.take(data, pos, count)
+        self.buffered_bytes += kept
+        self.discarded_bytes += count - kept
+        if through.seen == through.total:
+            self._through = None
+            self.oversized += 1
+            self._finish_oversized(through, parsed)
+        return pos + count
+
+    def _finish_oversized(self, through: _ReadThrough, parsed: Parsed) -> None:
+        """The oversized PUBLISH as a message: checked like any other where its fields were
+        kept, with the kept start of its payload and its real size (``OversizedPayload``)."""
+        kept, total, i = through.kept, through.total, through.body
+        p = topic_end = i + 2 + int.from_bytes(kept[i : i + 2])
+        if p > total:
+            raise MqttProtocolError("PUBLISH topic runs past the end of the packet")
+        if p == i + 2:
+            raise MqttProtocolError("PUBLISH with an empty topic")
+        packet_id = 0
+        if through.qos:
+            if p + 2 <= len(kept):
+                packet_id = int.from_bytes(kept[p : p + 2])
+            elif p + 2 <= total:
+                packet_id = int.from_bytes(through.pid)
+            if not packet_id:
+                raise MqttProtocolError("QoS 1 PUBLISH without a packet id (or with id 0)")
+            p += 2
+        start: int | None = p
+        if self.version == V5:
+            start = _v5_payload_start(kept, p, total)
+        if start is None:  # the properties run past what was kept: size is an upper bound
+            payload = OversizedPayload(b"", total - p)
+        else:
+            payload = OversizedPayload(bytes(kept[start:]), total - start)
+        # a topic cut by the kept bytes is still attributed: the decoder rejects it (bad_topic)
+        parsed.topics.append(kept[i + 2 : topic_end].decode("utf-8", "replace"))
+        parsed.packet_ids.append(packet_id)
+        parsed.payloads.append(payload)
+
     def _control(self, first: int, buf: bytes, start: int, end: int) -> Control:
         kind, length = first >> 4, end - start
         limits = _CONTROLS[self.version].get(kind)
@@ -321,6 +467,35 @@ class PacketReader:
         if not limits[0] <= length <= limits[1]:
             raise MqttProtocolError(f"{PACKET_NAMES[kind]} with a remaining length of {length}")
         return Control(kind, buf[start:end])
+
+
+def _publish_qos(first: int) -> int:
+    """The QoS of a PUBLISH's first byte; its flags checked."""
+    qos = (first >> 1) & 0x03
+    if qos > 1:  # we subscribe at QoS 1: QoS 2 would need PUBREC, not PUBACK
+        raise MqttProtocolError(f"PUBLISH with QoS {qos}")
+    if not qos and first & 0x08:
+        raise MqttProtocolError("QoS 0 PUBLISH with the DUP flag")
+    return qos
+
+
+def _v5_payload_start(kept: bytearray, pos: int, total: int) -> int | None:
+    """Where the payload of an oversized MQTT 5 PUBLISH starts (after its properties, whose
+    length must fit the packet); None if the property length was cut off by the kept bytes."""
+    if pos >= total:
+        raise MqttProtocolError("malformed variable byte integer")
+    length, shift = 0, 0
+    for at in range(pos, min(len(kept), pos + 4)):
+        byte = kept[at]
+        length |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if at + 1 + length > total:
+                raise MqttProtocolError("MQTT 5 properties run past the end of the packet")
+            return at + 1 + length
+        shift += 7
+    if len(kept) - pos >= 4 or len(kept) >= total:
+        raise MqttProtocolError("malformed variable byte integer")
+    return None
 
 
 def read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:

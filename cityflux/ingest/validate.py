@@ -15,7 +15,7 @@ import numpy.typing as npt
 from cityflux.config import IngestConfig
 from cityflux.ingest.batch import Columns, Rejection
 from cityflux.ingest.contract import KIND_FIELDS, MAX_VEHICLES_PER_LANE_SECOND, FieldSpec, Reason
-from cityflux.ingest.timestamps import MISSING
+from cityflux.ingest.timestamps import MISSING, UNREPRESENTABLE
 
 NS = 1_000_000_000
 
@@ -81,6 +81,8 @@ def _timestamp_check(columns: Columns, config: IngestConfig, now_ns: int) -> _Ch
     def describe(row: int) -> str:
         if ts[row] == MISSING:
             return "timestamp missing or unreadable: give ts (epoch ms or RFC 3339) or ts_ns"
+        if ts[row] == UNREPRESENTABLE:
+            return f"timestamp outside what int64 ns hold (1677 to 2262), so outside {window}"
         return f"timestamp {int(ts[row])} ns is outside {window}"
 
     return _Check(Reason.BAD_TIMESTAMP, bad, describe)

@@ -16,9 +16,7 @@ from tests.support import select
 tag_text = st.text(
     st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=30
 ).filter(lambda s: not s.endswith("\\") and s.strip() == s and s)
-any_text = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\r"), max_size=60
-)
+any_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
 numbers = st.floats(allow_nan=False, allow_infinity=False, width=64)
 _counter = itertools.count()
 
@@ -45,7 +43,9 @@ def test_what_influxdb_reads_back_is_what_we_wrote(
     row = rows[0]
     assert row["time"] == ts
     assert row["ta g,="] == tag
-    assert row["te,xt= "] == text
+    # a raw line break would end the line (VictoriaMetrics splits on it even inside quotes):
+    # it is written, and so stored, as the two characters backslash and n (or r)
+    assert row["te,xt= "] == text.replace("\n", "\\n").replace("\r", "\\r")
     # Go's JSON writes 7.0293e16 as 70293060974427980: compare as the float it encodes
     assert float(row["num"]) == number
     assert row["int"] == integer

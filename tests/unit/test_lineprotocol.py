@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cityflux.ingest.batch import Columns
-from cityflux.store.lineprotocol import BatchEncoder, encode_point
+from cityflux.store.lineprotocol import BatchEncoder, encode_point, encode_table
 
 
 def test_escaping_of_every_part() -> None:
@@ -40,3 +40,42 @@ def test_columns_encode_with_absent_fields_omitted() -> None:
         "pole,device_id=p1,district=d1 pm25_ugm3=1.5 10",
         "pole,device_id=p2,district=d1 lamp_on=true 20",
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "written"),
+    [
+        ("unknown field `a\nb`", r'"unknown field `a\nb`"'),
+        ("cr\r\nlf", r'"cr\r\nlf"'),
+        ('quote " and \\ backslash', r'"quote \" and \\ backslash"'),
+        ("a literal \\n stays two characters", r'"a literal \\n stays two characters"'),
+    ],
+)
+def test_a_string_field_never_carries_a_raw_line_break(text: str, written: str) -> None:
+    """VictoriaMetrics splits the body on every line feed, even inside quotes."""
+    line = encode_point("cityflux_deadletter", {"reason": "schema"}, {"message": text}, 7)
+    assert line == f"cityflux_deadletter,reason=schema message={written} 7"
+    assert "\n" not in line and "\r" not in line
+
+
+def test_string_columns_are_escaped_like_single_points() -> None:
+    prefixes = ["m,t=a", "m,t=b"]
+    lines = encode_table(prefixes, {"s": np.array(["x\ny", "\r"], dtype=object)}, 9)
+    assert lines == [r'm,t=a s="x\ny" 9', r'm,t=b s="\r" 9']
+
+
+@pytest.mark.parametrize(
+    ("tags", "fields"),
+    [
+        ({"t\n": "x"}, {"f": 1}),  # tag key
+        ({"t": "x\r"}, {"f": 1}),  # tag value
+        ({}, {"f\n": 1}),  # field key
+    ],
+)
+def test_keys_and_tag_values_with_a_line_break_are_refused(
+    tags: dict[str, str], fields: dict[str, int]
+) -> None:
+    with pytest.raises(ValueError, match="newline"):
+        encode_point("m", tags, fields, 1)
+    with pytest.raises(ValueError, match="newline"):
+        encode_point("m\n", {}, {"f": 1}, 1)  # measurement

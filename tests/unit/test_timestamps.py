@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cityflux.ingest.timestamps import MISSING, parse_rfc3339, to_epoch_ns
+from cityflux.ingest.timestamps import MISSING, UNREPRESENTABLE, parse_rfc3339, to_epoch_ns
 
 EPOCH_2026 = 1_767_225_600  # 2026-01-01T00:00:00Z
 
@@ -60,9 +60,45 @@ def test_mixed_forms_and_the_missing_marker() -> None:
         7,
         int(MISSING),
         int(MISSING),
-        int(MISSING),
+        int(UNREPRESENTABLE),
     ]  # both ts and ts_ns is ambiguous; none is missing; 2**62 ms overflows int64 ns
 
 
 def test_default_for_status_messages() -> None:
     assert to_epoch_ns([None], [None], default_ns=42).tolist() == [42]
+
+
+INT64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("ts", "ts_ns", "expected"),
+    [
+        ("2262-04-11T23:47:16.854775807Z", None, INT64_MAX),  # the last storable instant
+        ("2262-04-11T23:47:16.854775808Z", None, int(UNREPRESENTABLE)),
+        ("1677-09-21T00:12:43.145224194Z", None, -(2**63) + 2),  # the first, above the markers
+        ("1677-09-21T00:12:43.145224193Z", None, int(UNREPRESENTABLE)),
+        ("9999-12-31T23:59:59Z", None, int(UNREPRESENTABLE)),
+        ("0001-01-01T00:00:00Z", None, int(UNREPRESENTABLE)),
+        ("0000-01-01T00:00:00Z", None, int(MISSING)),  # no year 0: unreadable
+        (None, INT64_MAX, INT64_MAX),
+        (None, 2**63, int(UNREPRESENTABLE)),
+        (None, -(2**63), int(UNREPRESENTABLE)),  # would read as the missing marker
+        (None, -(2**63) - 1, int(UNREPRESENTABLE)),
+        (None, 10**400, int(UNREPRESENTABLE)),
+        (INT64_MAX, None, int(UNREPRESENTABLE)),  # milliseconds
+        (2**63, None, int(UNREPRESENTABLE)),
+        (-(2**63) - 1, None, int(UNREPRESENTABLE)),
+        (-(10**400), None, int(UNREPRESENTABLE)),
+        (INT64_MAX // 1_000_000, None, INT64_MAX // 1_000_000 * 1_000_000),
+        (-1, None, -1_000_000),  # before 1970 is a time; validation says it is too old
+    ],
+)
+def test_what_int64_nanoseconds_cannot_hold_is_marked_never_raised(
+    ts: int | str | None, ts_ns: int | None, expected: int
+) -> None:
+    alone = to_epoch_ns([ts], [ts_ns])
+    assert alone.tolist() == [expected]
+    # the same among ordinary readings, on the vectorised path where it applies
+    mixed = to_epoch_ns([1_000, ts, 2_000], [None, ts_ns, None])
+    assert mixed.tolist() == [1_000_000_000, expected, 2_000_000_000]
