@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Any
 
 CODEC, CONTROL = "cityflux.ingest.mqtt_codec", "cityflux.ingest.mqtt_control"
+OVERSIZE = "cityflux.ingest.mqtt_oversize"
 
 
 def seed_packets(codec: Any) -> list[bytes]:
@@ -74,14 +75,16 @@ def check_one(codec: ModuleType, control: ModuleType, data: bytes) -> None:
 def _feed(codec: Any, version: int, pieces: list[bytes]) -> tuple[Any, ...]:
     from cityflux.errors import MqttProtocolError
 
-    reader = codec.PacketReader(version, max_packet_size=4_096)
+    # below the fuzzer's 4 KiB inputs, so that oversized read-through is reached and completes
+    reader = codec.PacketReader(version, max_packet_size=512)
     topics, ids, payloads, controls = [], [], [], []
     try:
         for piece in pieces:
             parsed = reader.feed(piece)
             topics += parsed.topics
             ids += parsed.packet_ids
-            payloads += parsed.payloads
+            # an oversized payload holds its prefix but has its true length: compare both
+            payloads += [(bytes(p), len(p)) for p in parsed.payloads]
             controls += [(c.type, c.body) for c in parsed.controls]
     except MqttProtocolError as exc:
         return ("error", str(exc), topics, ids, payloads, controls)
@@ -95,7 +98,7 @@ def atheris_child(seconds: int, corpus: Path, artifacts: Path) -> None:
     """Runs in a child process: libFuzzer ends the process itself when the time is up."""
     import atheris
 
-    with atheris.instrument_imports(include=[CODEC, CONTROL]):
+    with atheris.instrument_imports(include=[CODEC, CONTROL, OVERSIZE]):
         import cityflux.ingest.mqtt_codec as codec
         import cityflux.ingest.mqtt_control as control
 

@@ -58,10 +58,13 @@ class MqttConfig(Base, frozen=True):
     # Unacknowledged QoS 1 messages the broker may have in flight to us (MQTT 5 Receive Maximum;
     # for 3.1.1 the broker's max_inflight_messages sets it). Bounds our memory under back-pressure.
     receive_maximum: int = 50_000
-    # The largest packet (header, topic and payload) we accept; sent as MQTT 5 Maximum Packet
-    # Size, so the broker drops bigger ones for us. A bigger packet is a protocol error that
-    # reconnects: keep the broker's max_packet_size equal (deploy/mosquitto/mosquitto.conf).
+    # The largest packet (header, topic and payload) we buffer. A bigger PUBLISH is read
+    # through (its first 80 KiB kept) and dead-lettered too_large; any other packet is a
+    # protocol error that reconnects. Keep the broker's max_packet_size equal.
     max_packet_size: int = 1_048_576
+    # MQTT 5: also send it as Maximum Packet Size. The broker then drops bigger messages for
+    # us, and mosquitto 2.0 counts no such drop anywhere (docs/operations.md): off by default.
+    send_max_packet_size: bool = False
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     # Watch the broker's own counters ($SYS, mosquitto): export them, alert when it drops.

@@ -41,11 +41,13 @@ from cityflux.ingest.mqtt_codec import (
     ConnectOptions,
     Control,
     PacketReader,
+    Parsed,
     connect_packet,
     puback_packets,
     subscribe_packet,
 )
 from cityflux.ingest.mqtt_control import Connack, accepted_connack, disconnect_reason, suback_codes
+from cityflux.ingest.mqtt_oversize import OversizedPayload
 from cityflux.observability import Metrics
 from cityflux.store.influx import backoff
 from cityflux.supervisor import Component, Supervisor
@@ -233,9 +235,12 @@ class MqttConsumer:
                 raise IngestError("broker closed the connection")
             if data:
                 last_received = now
+                oversized = reader.oversized
                 parsed = reader.feed(data)
                 if parsed.topics:
                     self._append(parsed.topics, parsed.payloads, parsed.packet_ids)
+                if reader.oversized != oversized:  # rare: each one is over max_packet_size
+                    _log_oversized(parsed, reader.max_packet_size)
                 for control in parsed.controls:
                     self._check_control(control)
             elif now - last_received > keepalive * 1.5:
@@ -302,7 +307,11 @@ class MqttConsumer:
             password=self.config.password,
             session_expiry_s=self.config.session_expiry_s,
             receive_maximum=min(self.config.receive_maximum, 65_535),
-            max_packet_size=self.config.max_packet_size,
+            # not sent by default: mosquitto drops what exceeds it without counting the drop;
+            # the reader reads an oversized PUBLISH through into a too_large dead letter instead
+            max_packet_size=self.config.max_packet_size
+            if self.config.send_max_packet_size
+            else None,
         )
 
     # -- the pipeline's side ----------------------------------------------------------------
@@ -378,6 +387,18 @@ def _make_publisher(config: MqttConfig, client_id: str, status_topic: str) -> pa
     client.will_set(status_topic, OFFLINE, qos=1, retain=True)
     client.on_connect = lambda c, *args: c.publish(status_topic, ONLINE, qos=1, retain=True)
     return client
+
+
+def _log_oversized(parsed: Parsed, limit: int) -> None:
+    for topic, payload in zip(parsed.topics, parsed.payloads, strict=True):
+        if isinstance(payload, OversizedPayload):
+            log.warning(
+                "a PUBLISH on %s with a payload of %d bytes exceeds mqtt.max_packet_size (%d): "
+                "read through without buffering it, dead-lettered too_large",
+                topic[:200],
+                len(payload),
+                limit,
+            )
 
 
 def _split(batch: MessageBatch, size: int) -> tuple[MessageBatch, MessageBatch]:

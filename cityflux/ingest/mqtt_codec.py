@@ -10,13 +10,9 @@ The broker is not trusted to be correct: every length is checked against the end
 and anything malformed or forbidden raises :class:`MqttProtocolError` (an ``IngestError``), on
 which the consumer drops the connection and reconnects; nothing else escapes :meth:`feed`.
 
-A PUBLISH over ``mqtt.max_packet_size`` is not an error: a broker with a larger limit (any
-broker under MQTT 3.1.1) would redeliver it after every reconnect and ingest would never get
-past it. :class:`PacketReader` reads it through instead: it keeps the packet's first bytes
-(header, topic, packet id, MQTT 5 properties and the start of the payload; at most
-``OVERSIZE_KEEP`` and never more than the limit), counts the rest away as it arrives, and returns
-the message with an :class:`OversizedPayload`, which the decoder dead-letters as ``too_large``
-and the consumer acknowledges with its batch. Any other packet over the limit is an error.
+A PUBLISH over ``mqtt.max_packet_size`` is read through, never buffered whole, into a message
+the decoder dead-letters as ``too_large`` (:mod:`cityflux.ingest.mqtt_oversize` says why); any
+other packet over the limit is an error.
 
 Specifications: MQTT 3.1.1 (OASIS, 2014) sections 2-3; MQTT 5.0 (OASIS, 2019) sections 2-3.
 """
@@ -28,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from cityflux.errors import MqttProtocolError
+from cityflux.ingest.mqtt_oversize import OVERSIZE_KEEP, ReadThrough, publish_qos
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK = 8, 9, 10, 11
@@ -55,9 +52,6 @@ DISCONNECT_PACKET: Final = b"\xe0\x00"
 _PUBACK_HEADER: Final = b"\x40\x02"
 _MAX_REMAINING: Final = 268_435_455
 DEFAULT_MAX_PACKET_SIZE: Final = 1_048_576  # mqtt.max_packet_size
-# What is kept of a PUBLISH over the limit: room for the longest topic MQTT allows (65,535
-# bytes), the packet id, some properties and the dead letter's payload prefix (1 KiB).
-OVERSIZE_KEEP: Final = 80 * 1024
 V311, V5 = 4, 5
 
 # Packets a server may send us, with the remaining lengths they may have: (minimum, maximum).
@@ -182,71 +176,12 @@ class Control:
     body: bytes
 
 
-class OversizedPayload(bytes):
-    """The kept start of a payload too large to keep whole; ``len()`` is its size on the wire.
-
-    Its bytes (what slicing, msgspec and the dead letter's prefix see) are the first ones of the
-    payload; its length is the real one, so the decoder's ``len(payload) >
-    ingest.max_payload_bytes`` rejects it as ``too_large`` with the true size in the message,
-    and the dead letter's ``payload_bytes`` and ``truncated`` are right, with no check added to
-    the hot path. ``kept`` is how many bytes it holds.
-    """
-
-    size: int
-
-    def __new__(cls, prefix: bytes, size: int) -> OversizedPayload:
-        payload = super().__new__(cls, prefix)
-        payload.size = size
-        return payload
-
-    def __len__(self) -> int:
-        return self.size
-
-    @property
-    def kept(self) -> int:
-        return len(memoryview(self))
-
-
 @dataclass(slots=True)
 class Parsed:
     topics: list[str] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)
     packet_ids: list[int] = field(default_factory=list)  # 0 for QoS 0 (nothing to ack)
     controls: list[Control] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _ReadThrough:
-    """A PUBLISH over the limit being read: its first ``keep`` bytes kept, the rest counted.
-
-    The packet id of a QoS 1 PUBLISH whose topic runs past the kept bytes is picked out of the
-    stream as it passes, so that even that message can be acknowledged.
-    """
-
-    total: int  # bytes of the whole packet
-    body: int  # offset of the variable header (after the remaining length)
-    keep: int  # at most this many bytes of the packet are kept (always past the topic length)
-    qos: int
-    kept: bytearray = field(default_factory=bytearray)
-    seen: int = 0  # bytes of the packet consumed so far
-    pid_at: int = -1  # offset of the packet id, once the topic length is known (QoS 1)
-    pid: bytearray = field(default_factory=bytearray)  # the packet id, if not in ``kept``
-
-    def take(self, data: bytes | bytearray, pos: int, count: int) -> int:
-        """Consume ``data[pos:pos + count]``; the number of bytes kept."""
-        start, kept = self.seen, 0
-        room = self.keep - len(self.kept)
-        if room > 0:
-            kept = min(room, count)
-            with memoryview(data) as view:
-                self.kept += view[pos : pos + kept]
-        self.seen += count
-        if self.qos and self.pid_at < 0 and len(self.kept) >= self.body + 2:
-            self.pid_at = self.body + 2 + int.from_bytes(self.kept[self.body : self.body + 2])
-        if self.pid_at + 2 > self.keep:  # not (wholly) kept: pick it out as it passes
-            for at in range(max(start, self.pid_at), min(self.seen, self.pid_at + 2)):
-                self.pid.append(data[pos + at - start])
-        return kept
 
 
 class PacketReader:
@@ -274,7 +209,13 @@ class PacketReader:
         self.oversized = 0
         self.discarded_bytes = 0
         self._partial = bytearray()
-        self._through: _ReadThrough | None = None
+        self._through: ReadThrough | None = None
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held between reads: never more than ``max_packet_size``."""
+        through = len(self._through.kept) if self._through is not None else 0
+        return len(self._partial) + through
 
     def feed(self, data: bytes) -> Parsed:
         """Every packet completed by ``data``; raises :class:`MqttProtocolError` if malformed."""
@@ -313,6 +254,7 @@ class PacketReader:
             through = self._start_read_through(partial[0], body, body + length)
             through.take(partial, 0, len(partial))
             partial.clear()
+            self._end_read_through(through, parsed)  # a tiny limit: it may be all header
             return used
         missing = body + length - len(partial)
         if len(data) - used < missing:
@@ -402,7 +344,7 @@ class PacketReader:
         parsed.payloads.append(buf[p:end])
 
     # -- a PUBLISH over the limit ---------------------------------------------------------
-    def _start_read_through(self, first: int, body: int, total: int) -> _ReadThrough:
+    def _start_read_through(self, first: int, body: int, total: int) -> ReadThrough:
         """Begin reading a PUBLISH of ``total`` bytes through; any other packet is refused."""
         if first >> 4 != PUBLISH:
             raise MqttProtocolError(
@@ -410,7 +352,7 @@ class PacketReader:
                 f"mqtt.max_packet_size ({self.max_packet_size})"
             )
         keep = max(self.oversize_keep, body + 2)
-        self._through = _ReadThrough(total, body, keep, _publish_qos(first))
+        self._through = ReadThrough(total, body, keep, publish_qos(first))
         return self._through
 
     def _read_through(self, data: bytes, pos: int, parsed: Parsed) -> int:
@@ -421,41 +363,17 @@ class PacketReader:
         kept = through.take(data, pos, count)
         self.buffered_bytes += kept
         self.discarded_bytes += count - kept
+        self._end_read_through(through, parsed)
+        return pos + count
+
+    def _end_read_through(self, through: ReadThrough, parsed: Parsed) -> None:
         if through.seen == through.total:
             self._through = None
             self.oversized += 1
-            self._finish_oversized(through, parsed)
-        return pos + count
-
-    def _finish_oversized(self, through: _ReadThrough, parsed: Parsed) -> None:
-        """The oversized PUBLISH as a message: checked like any other where its fields were
-        kept, with the kept start of its payload and its real size (``OversizedPayload``)."""
-        kept, total, i = through.kept, through.total, through.body
-        p = topic_end = i + 2 + int.from_bytes(kept[i : i + 2])
-        if p > total:
-            raise MqttProtocolError("PUBLISH topic runs past the end of the packet")
-        if p == i + 2:
-            raise MqttProtocolError("PUBLISH with an empty topic")
-        packet_id = 0
-        if through.qos:
-            if p + 2 <= len(kept):
-                packet_id = int.from_bytes(kept[p : p + 2])
-            elif p + 2 <= total:
-                packet_id = int.from_bytes(through.pid)
-            if not packet_id:
-                raise MqttProtocolError("QoS 1 PUBLISH without a packet id (or with id 0)")
-            p += 2
-        start: int | None = p
-        if self.version == V5:
-            start = _v5_payload_start(kept, p, total)
-        if start is None:  # the properties run past what was kept: size is an upper bound
-            payload = OversizedPayload(b"", total - p)
-        else:
-            payload = OversizedPayload(bytes(kept[start:]), total - start)
-        # a topic cut by the kept bytes is still attributed: the decoder rejects it (bad_topic)
-        parsed.topics.append(kept[i + 2 : topic_end].decode("utf-8", "replace"))
-        parsed.packet_ids.append(packet_id)
-        parsed.payloads.append(payload)
+            topic, packet_id, payload = through.message(self.version == V5)
+            parsed.topics.append(topic)
+            parsed.packet_ids.append(packet_id)
+            parsed.payloads.append(payload)
 
     def _control(self, first: int, buf: bytes, start: int, end: int) -> Control:
         kind, length = first >> 4, end - start
@@ -467,35 +385,6 @@ class PacketReader:
         if not limits[0] <= length <= limits[1]:
             raise MqttProtocolError(f"{PACKET_NAMES[kind]} with a remaining length of {length}")
         return Control(kind, buf[start:end])
-
-
-def _publish_qos(first: int) -> int:
-    """The QoS of a PUBLISH's first byte; its flags checked."""
-    qos = (first >> 1) & 0x03
-    if qos > 1:  # we subscribe at QoS 1: QoS 2 would need PUBREC, not PUBACK
-        raise MqttProtocolError(f"PUBLISH with QoS {qos}")
-    if not qos and first & 0x08:
-        raise MqttProtocolError("QoS 0 PUBLISH with the DUP flag")
-    return qos
-
-
-def _v5_payload_start(kept: bytearray, pos: int, total: int) -> int | None:
-    """Where the payload of an oversized MQTT 5 PUBLISH starts (after its properties, whose
-    length must fit the packet); None if the property length was cut off by the kept bytes."""
-    if pos >= total:
-        raise MqttProtocolError("malformed variable byte integer")
-    length, shift = 0, 0
-    for at in range(pos, min(len(kept), pos + 4)):
-        byte = kept[at]
-        length |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            if at + 1 + length > total:
-                raise MqttProtocolError("MQTT 5 properties run past the end of the packet")
-            return at + 1 + length
-        shift += 7
-    if len(kept) - pos >= 4 or len(kept) >= total:
-        raise MqttProtocolError("malformed variable byte integer")
-    return None
 
 
 def read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:

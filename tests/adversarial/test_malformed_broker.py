@@ -20,6 +20,7 @@ from cityflux.config import Config, MqttConfig
 from cityflux.errors import IngestError
 from cityflux.ingest.mqtt import MqttConsumer
 from cityflux.ingest.mqtt_codec import V5, V311, publish_packet, varint
+from cityflux.ingest.mqtt_oversize import OversizedPayload
 from cityflux.observability import Metrics
 from cityflux.servers import LocalMosquitto
 from cityflux.simulators.publisher import BulkPublisher
@@ -163,7 +164,8 @@ MALFORMED: list[tuple[str, int, bytes]] = [
     ("qos 1 without packet id", V311, b"\x32\x03\x00\x01t"),
     ("topic length past the end", V311, b"\x32\x05\x00\x40abc"),
     ("qos 2", V311, b"\x34\x06\x00\x01t\x00\x01x"),
-    ("announces 2 MB (max_packet_size 1 MiB)", V311, b"\x32" + varint(2_000_000) + b"\x00" * 64),
+    # a PUBLISH that large is read through (below); any other packet is refused from its header
+    ("SUBACK announcing 2 MB (max_packet_size 1 MiB)", V311, b"\x90" + varint(2_000_000) + b"\0"),
     ("properties past the end", V5, b"\x32\x08\x00\x01t\x00\x01\x09\x01\x01"),
     ("qos 3", V5, b"\x36\x07\x00\x01t\x00\x01\x00x"),
 ]
@@ -232,6 +234,48 @@ def test_a_malformed_packet_reconnects_and_the_next_message_arrives(
     assert metrics.value("mqtt_protocol_errors_total") == 1
     assert consumer.connected.is_set() is False  # stopped
     assert not [e for e in broker.errors if not isinstance(e, (EOFError, OSError))]
+
+
+@pytest.mark.parametrize("version", [V311, V5])
+def test_an_oversized_publish_is_read_through_and_acknowledged(version: int) -> None:
+    """A broker with a laxer limit sends a 2 MB QoS 1 PUBLISH (1 MiB is ours): before, the
+    reader refused it and reconnected, and the broker redelivered it on every reconnect. Now
+    it is read through on the same connection, returned with its real size, and acked."""
+    payload = b'{"ts": 1700000000000, "pm25_ugm3": 1}' + b" " * 2_000_000
+    pubacks: list[int] = []
+
+    def lax(peer: Peer) -> None:
+        peer.connack()
+        peer.subscribed()
+        peer.send(publish_packet(GOOD_TOPIC, payload, 11, peer.version))
+        peer.send(publish_packet(GOOD_TOPIC, GOOD_PAYLOAD, 12, peer.version))
+        while len(pubacks) < 2:
+            first_byte, body = peer.read_packet()
+            if first_byte == 0x40:
+                pubacks.append(int.from_bytes(body[:2], "big"))
+        peer.wait_closed()
+
+    broker = FakeBroker([lax])
+    metrics = Metrics()
+    consumer = MqttConsumer(mqtt_config(broker.url, version), metrics)
+    try:
+        consumer.start(wait_s=5)
+        batch = consumer.take(2, wait_s=10)
+        assert consumer.ack(batch)
+        wait_for(lambda: len(pubacks) == 2, timeout=5, what="both PUBACKs")
+    finally:
+        consumer.stop()
+        broker.close()
+    assert batch.mids == [11, 12]
+    assert batch.topics == [GOOD_TOPIC, GOOD_TOPIC]
+    oversized, good = batch.payloads
+    assert isinstance(oversized, OversizedPayload)
+    assert len(oversized) == len(payload) and payload.startswith(oversized)
+    assert oversized.kept < 100_000  # the first 80 KiB of the packet, not 2 MB
+    assert good == GOOD_PAYLOAD
+    assert pubacks == [11, 12]
+    assert broker.clients == ["cityflux"]  # one connection: no reconnect
+    assert metrics.value("mqtt_protocol_errors_total") == 0
 
 
 def test_a_broker_disconnect_reconnects_without_counting_a_protocol_error() -> None:
@@ -367,23 +411,27 @@ def publish_oversized(port: int) -> bool:
         device.loop_stop()
 
 
-def receive_one_after_oversized(port: int, version: int) -> tuple[bool, list[str], Metrics]:
+def receive_one_after_oversized(
+    port: int, version: int, **extra: object
+) -> tuple[bool, list[tuple[str, int]], Metrics]:
+    """(the broker accepted the 2 MB message, (topic, payload size) received, metrics)."""
     metrics = Metrics()
-    consumer = MqttConsumer(mqtt_config(f"mqtt://127.0.0.1:{port}", version), metrics)
+    consumer = MqttConsumer(mqtt_config(f"mqtt://127.0.0.1:{port}", version, **extra), metrics)
+    received: list[tuple[str, int]] = []
     try:
         consumer.start(wait_s=10)
         accepted = publish_oversized(port)
         publish_all(port, [(GOOD_TOPIC, GOOD_PAYLOAD)])
-        topics: list[str] = []
         deadline = time.monotonic() + 10
-        while GOOD_TOPIC not in topics and time.monotonic() < deadline:
+        while (GOOD_TOPIC, len(GOOD_PAYLOAD)) not in received and time.monotonic() < deadline:
             batch = consumer.take(10, wait_s=0.5)
             assert consumer.ack(batch)
-            topics += [t for t in batch.topics if "/health/" not in t]  # our own birth
+            pairs = zip(batch.topics, batch.payloads, strict=True)
+            received += [(t, len(p)) for t, p in pairs if "/health/" not in t]  # not our birth
         assert consumer.connected.is_set()
     finally:
         consumer.stop()
-    return accepted, topics, metrics
+    return accepted, received, metrics
 
 
 @pytest.mark.parametrize("version", [V311, V5])
@@ -392,17 +440,27 @@ def test_the_shipped_broker_limit_refuses_an_oversized_packet(
 ) -> None:
     """max_packet_size 1 MiB in the broker (as deploy/mosquitto/mosquitto.conf): the device
     is refused, cityflux never sees the packet and goes on."""
-    accepted, topics, metrics = receive_one_after_oversized(broker.port, version)
+    accepted, received, metrics = receive_one_after_oversized(broker.port, version)
     assert not accepted
-    assert topics == [GOOD_TOPIC]
+    assert received == [(GOOD_TOPIC, len(GOOD_PAYLOAD))]
     assert metrics.value("mqtt_protocol_errors_total") == 0
 
 
-def test_mqtt5_maximum_packet_size_makes_a_laxer_broker_drop_it_for_us(tmp_path: Path) -> None:
-    """A broker allowing 10 MB accepts the 2 MB message, but must not send it to a client that
-    announced a Maximum Packet Size of 1 MiB (MQTT-3.1.2-24): no protocol error, no reconnect."""
+@pytest.mark.parametrize(
+    ("version", "send_max_packet_size"), [(V311, False), (V5, False), (V5, True)]
+)
+def test_a_laxer_broker_delivers_it_unless_we_send_maximum_packet_size(
+    tmp_path: Path, version: int, send_max_packet_size: bool
+) -> None:
+    """A broker allowing 10 MB accepts the 2 MB message. By default cityflux reads it through
+    (a too_large dead letter downstream: tests/adversarial/test_oversize.py). Sent MQTT 5
+    Maximum Packet Size, the broker must not deliver it (MQTT-3.1.2-24) and drops it: no
+    protocol error, no reconnect, but nothing of it reaches cityflux either."""
     with LocalMosquitto(tmp_path / "lax", extra_config="max_packet_size 10485760\n") as lax:
-        accepted, topics, metrics = receive_one_after_oversized(lax.port, V5)
+        accepted, received, metrics = receive_one_after_oversized(
+            lax.port, version, send_max_packet_size=send_max_packet_size
+        )
     assert accepted
-    assert topics == [GOOD_TOPIC]
+    good = (GOOD_TOPIC, len(GOOD_PAYLOAD))
+    assert received == ([good] if send_max_packet_size else [(GOOD_TOPIC, 2_000_000), good])
     assert metrics.value("mqtt_protocol_errors_total") == 0

@@ -12,13 +12,21 @@ import re
 import pytest
 
 from cityflux.errors import IngestError, MqttProtocolError
-from cityflux.ingest.mqtt_codec import CONNACK, V5, V311, Control, PacketReader, varint
+from cityflux.ingest.mqtt_codec import (
+    CONNACK,
+    V5,
+    V311,
+    Control,
+    PacketReader,
+    varint,
+)
 from cityflux.ingest.mqtt_control import (
     accepted_connack,
     disconnect_reason,
     parse_connack,
     suback_codes,
 )
+from cityflux.ingest.mqtt_oversize import OversizedPayload
 
 
 def packet(first: int, body: bytes) -> bytes:
@@ -158,10 +166,51 @@ def test_invalid_packets(name: str, version: int, data: bytes, error: str) -> No
             reader.feed((good + data)[i : i + 2])
 
 
-def test_a_packet_over_the_maximum_is_refused() -> None:
+def test_a_control_packet_over_the_maximum_is_refused() -> None:
     reader = PacketReader(V5, max_packet_size=100)
-    with pytest.raises(MqttProtocolError, match=r"PUBLISH of 104 bytes exceeds"):
-        reader.feed(b"\x30\x66")  # remaining length 102 + 2: the body never needs to arrive
+    with pytest.raises(MqttProtocolError, match=r"DISCONNECT of 104 bytes exceeds"):
+        reader.feed(b"\xe0\x66")  # remaining length 102 + 2: the body never needs to arrive
+
+
+PUBLISH_VALID = [row for row in VALID if row[2][0] >> 4 == 3]
+PUBLISH_INVALID = [row for row in INVALID if row[2][0] >> 4 == 3]
+
+
+@pytest.mark.parametrize("keep", [8, 9, 12, 10_000])
+@pytest.mark.parametrize(
+    ("name", "version", "data", "expected"), PUBLISH_VALID, ids=[v[0] for v in PUBLISH_VALID]
+)
+def test_valid_publishes_over_the_maximum_are_read_through(
+    name: str, version: int, data: bytes, expected: Result, keep: int
+) -> None:
+    """Each valid PUBLISH, one byte over the limit: the same topic (cut to what is kept) and
+    packet id, the start of its payload, and its size (exact once its start was kept)."""
+    reader = PacketReader(version, max_packet_size=len(data) - 1, oversize_keep=keep)
+    pieces = [reader.feed(data[i : i + 1]) for i in range(len(data))]
+    topics = [t for p in pieces for t in p.topics]
+    assert expected[0][0].startswith(topics[0])
+    assert [i for p in pieces for i in p.packet_ids] == expected[1]
+    (payload,) = [p for piece in pieces for p in piece.payloads]
+    assert isinstance(payload, OversizedPayload)
+    assert expected[2][0].startswith(bytes(payload))
+    assert len(payload) >= len(expected[2][0])
+    if keep >= len(data) - len(expected[2][0]):  # header, topic, id and properties kept
+        assert len(payload) == len(expected[2][0])
+    assert reader.held_bytes == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "data", "error"), PUBLISH_INVALID, ids=[v[0] for v in PUBLISH_INVALID]
+)
+def test_invalid_publishes_over_the_maximum_are_refused_the_same(
+    name: str, version: int, data: bytes, error: str
+) -> None:
+    """One byte over the limit and read through, what is kept (all but its last byte) is
+    checked like any packet. (Past the kept bytes, the topic length and packet id are read.)"""
+    reader = PacketReader(version, max_packet_size=len(data) - 1)
+    with pytest.raises(MqttProtocolError, match=re.escape(error)):
+        for i in range(len(data)):
+            reader.feed(data[i : i + 1])
 
 
 CONNACK_PROPERTIES = (

@@ -30,6 +30,7 @@ from cityflux.ingest.mqtt_control import (
     puback_reason,
     suback_codes,
 )
+from cityflux.ingest.mqtt_oversize import OversizedPayload
 
 FUZZ = settings(
     max_examples=300,
@@ -103,6 +104,58 @@ def test_valid_streams_parse_the_same_split_anywhere(version: int, data: Any) ->
     results = feed_all(version, split(whole, cuts))
     assert results is not None
     assert flatten(results) == expected
+
+
+@st.composite
+def sized_packets(draw: st.DrawFn, version: int, limit: int, keep: int) -> tuple[bytes, Expected]:
+    """A valid PUBLISH or control packet, and what a reader with ``max_packet_size=limit`` and
+    ``oversize_keep=keep`` must make of it: a PUBLISH over the limit is read through, so its
+    topic is cut to the kept bytes, its payload is the kept start with its real size."""
+    if draw(st.integers(0, 5)) == 0:
+        return b"\xd0\x00", ([], [], [], [13])
+    topic = draw(st.text(st.characters(codec="utf-8"), min_size=1, max_size=40))
+    packet_id = draw(st.integers(0, 65_535))
+    payload = bytes([draw(st.integers(0, 255))]) * draw(st.integers(0, 3 * limit))
+    data = publish_packet(topic, payload, packet_id, version)
+    if len(data) <= limit:
+        return data, ([topic], [packet_id], [payload], [])
+    name = topic.encode()
+    header = len(data) - len(payload) - 2 - len(name) - (2 if packet_id else 0) - (version == V5)
+    start = len(data) - len(payload)  # the payload's offset; its property length just before
+    cut = name[: max(keep - header - 2, 0)].decode("utf-8", "replace")
+    size = len(payload) + (version == V5 and keep < start)  # an upper bound if not kept
+    return data, ([cut], [packet_id], [OversizedPayload(data[start:keep], size)], [])
+
+
+def same(got: Expected, expected: Expected) -> bool:
+    """Equal, with every payload's length (the bytes of an OversizedPayload are a prefix)."""
+    lengths = [[len(p) for p in e[2]] for e in (got, expected)]
+    types = [[type(p) is OversizedPayload for p in e[2]] for e in (got, expected)]
+    return got == expected and lengths[0] == lengths[1] and types[0] == types[1]
+
+
+@FUZZ
+@given(version=versions, data=st.data())
+def test_streams_with_oversized_publishes_parse_the_same_split_anywhere(
+    version: int, data: Any
+) -> None:
+    """Skip mode: a PUBLISH over the limit, split anywhere, is read through to the same message
+    and never held whole; what follows it parses as usual."""
+    limit = data.draw(st.integers(60, 1_500))
+    keep = data.draw(st.integers(8, limit))
+    stream = data.draw(st.lists(sized_packets(version, limit, keep), min_size=1, max_size=8))
+    whole = b"".join(p for p, _ in stream)
+    expected: Expected = ([], [], [], [])
+    for _, (topics, ids, payloads, controls) in stream:
+        for have, more in zip(expected, (topics, ids, payloads, controls), strict=True):
+            have.extend(more)  # type: ignore[attr-defined]
+    reader = PacketReader(version, limit, oversize_keep=keep)
+    results = []
+    for piece in split(whole, data.draw(st.lists(st.integers(0, len(whole)), max_size=12))):
+        results.append(reader.feed(piece))
+        assert reader.held_bytes <= limit
+    assert same(flatten(results), expected)
+    assert reader.held_bytes == 0
 
 
 # random packets with a correct frame (so that their bodies get parsed), then random bytes
