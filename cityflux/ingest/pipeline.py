@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,7 @@ class Pipeline:
         # broker redelivers unacknowledged messages only after a reconnect, so dropping the
         # batch would stall its messages until then
         self._retry: queue.SimpleQueue[Work] = queue.SimpleQueue()
-        self._committing = 0  # commits in progress, for the watchdog
-        self._committing_lock = threading.Lock()
+        self._committing: set[str] = set()  # commit threads in the middle of a commit
         self.store_problem: str | None = None  # why durable writes are failing right now
         self.starting: str | None = "not started"  # what start() is waiting for
         self._ingest = self.supervisor.watch("ingest", self.consumer.has_pending)
@@ -156,8 +156,8 @@ class Pipeline:
         """
         ingest = self.config.ingest
         committers = [
-            self.supervisor.spawn(f"commit-{i}", self._commit_loop, waiting=self._commit_waiting)
-            for i in range(ingest.write_concurrency)
+            self.supervisor.spawn(name, self._commit_loop, self._is_committing(name))
+            for name in (f"commit-{i}" for i in range(ingest.write_concurrency))
         ]
         try:
             while not self.stopping.is_set():
@@ -205,7 +205,11 @@ class Pipeline:
                 work = self._handover.get()
             if work is None:
                 return
-            self._count_committing(+1)
+            # the watchdog's view: this thread is busy from here until its commit is done (an
+            # idle thread waiting for work is not stalled; a full hand-over queue shows as the
+            # ingest loop's stall)
+            component.beat()
+            self._committing.add(component.name)
             try:
                 self.commit(*work)
             except Exception as exc:
@@ -213,15 +217,11 @@ class Pipeline:
                 self._retry.put(work)
                 raise
             finally:
-                self._count_committing(-1)
+                self._committing.discard(component.name)
             component.beat()
 
-    def _count_committing(self, delta: int) -> None:
-        with self._committing_lock:
-            self._committing += delta
-
-    def _commit_waiting(self) -> bool:
-        return self._committing > 0 or not self._handover.empty() or not self._retry.empty()
+    def _is_committing(self, name: str) -> Callable[[], bool]:
+        return lambda: name in self._committing
 
     def _give_up(self, reason: str) -> None:
         """A component keeps failing: end :meth:`run` so the process exits non-zero."""

@@ -90,7 +90,7 @@ def test_dead_letters_while_the_broker_is_gone_do_not_kill_the_commit(
         broker.start()
         watcher = Subscriber(broker.port, "cityflux/v1/deadletter/#")
         try:
-            wait_for(lambda: pipeline.consumer.connected.is_set(), 20, "reconnect")
+            wait_for(pipeline.consumer.connected.is_set, 20, "reconnect")
             publish_all(broker.port, [pole(i) for i in range(50)] + [("x/bad", b"")])
             publish_all(broker.port, [("cityflux/v1/centre/pole/p-1", b"not json")])
             wait_for(lambda: count_points(db, "pole", "pm25_ugm3") == 51, 20, "51 points")
@@ -141,7 +141,7 @@ def test_an_unwritable_spool_holds_acks_and_says_so(
     with running(pipeline):
         publish_all(broker.port, [pole(i) for i in range(20)])
         wait_for(lambda: healthz(pipeline)[0] == 503, 10, "503")
-        status, body = healthz(pipeline)
+        _status, body = healthz(pipeline)
         assert "No space left on device" in body["problems"]["store"]
         assert pipeline.metrics.value("messages_acked_total") == 0
         assert count_points(db, "pole", "pm25_ugm3") == 0
@@ -149,10 +149,13 @@ def test_an_unwritable_spool_holds_acks_and_says_so(
         wait_for(lambda: count_points(db, "pole", "pm25_ugm3") == 20, 20, "20 points")
         wait_for(lambda: acked_all(pipeline, at_least=20), 10, "every message acknowledged")
         wait_for(lambda: healthz(pipeline)[0] == 200, 10, "healthy again")
-        assert sum(
-            pipeline.metrics.value("component_restarts_total", component=f"commit-{i}")
-            for i in range(config.ingest.write_concurrency)
-        ) == 0
+        assert (
+            sum(
+                pipeline.metrics.value("component_restarts_total", component=f"commit-{i}")
+                for i in range(config.ingest.write_concurrency)
+            )
+            == 0
+        )
 
 
 def test_a_hung_commit_is_seen_by_the_watchdog(
@@ -174,8 +177,7 @@ def test_a_hung_commit_is_seen_by_the_watchdog(
         wait_for(lambda: healthz(pipeline)[0] == 503, 10, "503 from the watchdog")
         problems = healthz(pipeline)[1]["problems"]
         assert any(
-            name.startswith("commit-") and "no progress" in text
-            for name, text in problems.items()
+            name.startswith("commit-") and "no progress" in text for name, text in problems.items()
         ), problems
         assert pipeline.consumer.connected.is_set()
         release.set()
@@ -208,11 +210,67 @@ def test_a_commit_that_keeps_failing_ends_run_with_the_reason(
         pipeline.close()
 
 
-@pytest.mark.parametrize("component", ["mqtt-reader", "spool-drain"])
-def test_background_components_are_supervised(
-    config: Config, broker: LocalMosquitto, component: str
+def crash_once(target: Any, name: str) -> None:
+    """Make ``target.name`` raise on its first call only, as a bug would."""
+    real = getattr(target, name)
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError(f"injected crash in {name}")
+        return real(*args, **kwargs)
+
+    setattr(target, name, flaky)
+
+
+@pytest.mark.parametrize(
+    ("component", "owner", "method"),
+    [("mqtt-reader", "consumer", "_serve"), ("spool-drain", "sink", "drain_loop")],
+)
+def test_a_crashed_background_component_is_restarted_and_counted(
+    config: Config,
+    broker: LocalMosquitto,
+    db: InfluxWriter,
+    component: str,
+    owner: str,
+    method: str,
 ) -> None:
-    pipeline = Pipeline(no_analytics(config))
+    pipeline = Pipeline(no_analytics(config, **{"supervision.restart_min_s": 0.05}))
+    crash_once(getattr(pipeline, owner), method)
     with running(pipeline):
-        supervised = pipeline.supervisor.components[component]
-        assert supervised.thread is not None and supervised.thread.is_alive()
+        wait_for(
+            lambda: pipeline.metrics.value("component_restarts_total", component=component) == 1,
+            10,
+            f"{component} restarted",
+        )
+        assert pipeline.supervisor.components[component].thread.is_alive()  # type: ignore[union-attr]
+        publish_all(broker.port, [pole(i) for i in range(10)])
+        wait_for(lambda: count_points(db, "pole", "pm25_ugm3") == 10, 20, "10 points")
+        wait_for(lambda: healthz(pipeline)[0] == 200, 10, "healthy")
+
+
+def test_an_idle_commit_thread_is_not_stalled_while_another_commits(
+    config: Config, broker: LocalMosquitto, db: InfluxWriter
+) -> None:
+    """The watchdog judges each commit thread by its own work: one waiting for a batch while
+    the other commits is idle, not stalled (a false 503 would page someone for nothing)."""
+    overrides = {"supervision.stall_after_s": 1.0, "metrics.health_interval_s": 0}
+    pipeline = Pipeline(no_analytics(config, **overrides))
+    real = pipeline.sink.write
+    writing = threading.Event()
+
+    def slow(lines: list[str]) -> SinkResult:
+        if any(line.startswith("pole") for line in lines):
+            writing.set()
+            time.sleep(0.8)  # busy, but well within stall_after_s
+        return real(lines)
+
+    pipeline.sink.write = slow  # type: ignore[method-assign]
+    with running(pipeline):
+        time.sleep(1.5)  # both commit threads idle for longer than stall_after_s
+        publish_all(broker.port, [pole(0)])  # one batch: one thread busy, one idle
+        assert writing.wait(10)
+        status, body = healthz(pipeline)
+        assert status == 200, body
+        wait_for(lambda: count_points(db, "pole", "pm25_ugm3") == 1, 20, "the point")

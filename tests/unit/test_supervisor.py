@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -74,7 +75,7 @@ def test_down_between_a_crash_and_its_restart() -> None:
     slow = Policy(restart_min_s=0.5, restart_max_s=0.5, stall_after_s=60)
     supervisor = Supervisor(slow)
     component = supervisor.spawn("once", crash_once)
-    wait_for(lambda: supervisor.problems(), 2, "the down state")
+    wait_for(supervisor.problems, 2, "the down state")
     assert supervisor.problems() == {"once": "down: OSError: first run fails"}
     wait_for(lambda: component.restarts == 1 and not supervisor.problems(), 3, "the restart")
     supervisor.stop()
@@ -123,6 +124,6 @@ def test_restarts_are_paced_not_a_hot_loop() -> None:
     supervisor = Supervisor(policy)
     supervisor.spawn("paced", fail)
     wait_for(lambda: supervisor.fatal is not None, 10, "giving up")
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(gaps) == 4
     assert all(gap >= 0.1 for gap in gaps), gaps
