@@ -84,7 +84,8 @@ def _run_until_signal(pipeline: Pipeline) -> None:
 
 
 def _supervise(config: Path | None, workers: int, verbose: bool) -> int:
-    """Start one process per worker; stop them all on a signal; restart none (systemd does)."""
+    """Start one process per worker; stop them all on a signal or when one fails, and exit
+    with its status: restarting is systemd's or compose's job, for the whole set."""
     base = [sys.executable, "-m", "cityflux", "run", "--workers", str(workers)]
     if config is not None:
         base += ["--config", str(config)]
@@ -98,7 +99,29 @@ def _supervise(config: Path | None, workers: int, verbose: bool) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    failed = _first_failure(children)
+    if failed is not None:
+        console.print(
+            f"[red]worker {failed} exited with status {children[failed].returncode}: "
+            "stopping the others[/]"
+        )
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
     return max(child.wait() for child in children)
+
+
+def _first_failure(children: list[subprocess.Popen[bytes]]) -> int | None:
+    """Wait until every worker ended (None) or one ended with a non-zero status (its index):
+    a worker that gave up must not leave its share of the subscription unserved."""
+    while True:
+        codes = [child.poll() for child in children]
+        for index, code in enumerate(codes):
+            if code:
+                return index
+        if all(code is not None for code in codes):
+            return None
+        time.sleep(0.2)
 
 
 @app.command()

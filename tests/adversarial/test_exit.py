@@ -3,12 +3,13 @@ instead of living on without committing anything."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
 
 from cityflux.config import Config
-from cityflux.servers import LocalMosquitto
+from cityflux.servers import LocalMosquitto, free_port
 from tests.support import ROOT, config_env, publish_all
 
 # the real CLI in a child process, with one fault injected: every durable write raises
@@ -54,3 +55,28 @@ def test_run_exits_non_zero_when_a_component_gives_up(
     assert process.returncode == 1, text
     assert "giving up" in text
     assert "injected: the commit path is broken" in text
+
+
+def test_workers_stop_together_when_one_fails(broker: LocalMosquitto, config: Config) -> None:
+    """`run --workers 2` waited for every worker: one that died left its share of the
+    subscription unserved while the parent lived on. Worker 1's metrics port is taken here."""
+    base = free_port()
+    config = config.with_overrides({"metrics.port": base, "analytics.enabled": False})
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", base + 1))
+        taken.listen()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cityflux", "run", "--workers", "2"],
+            env=config_env(config),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            output, _ = process.communicate(timeout=60)
+        finally:
+            process.kill()
+    text = output.decode()
+    assert process.returncode != 0, text
+    assert "worker 1 exited with status 1: stopping the others" in text
