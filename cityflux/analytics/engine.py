@@ -135,6 +135,8 @@ class AnalyticsEngine:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
+        # called on each failure of the worker (the pipeline counts them in /metrics)
+        self.on_worker_error: Callable[[], object] = lambda: None
         self._deliver: Callable[[list[str]], object] = lambda lines: None
         self.restore()
 
@@ -145,6 +147,7 @@ class AnalyticsEngine:
         (durably) from that thread, so their volume never holds up ingest. ``spawn`` starts
         the thread under the caller's supervisor (restarted and counted if it dies)."""
         self._deliver = deliver
+        self._undelivered: list[str] = []  # results whose write raised: retried first
         if spawn is not None:
             self._worker = spawn("analytics", self._work)
             return
@@ -162,11 +165,21 @@ class AnalyticsEngine:
                 with self._emit_lock:
                     self._emit(out)
                     self._maybe_checkpoint()
-                if out.lines:
-                    self._deliver(out.lines)
             except Exception:  # a bad window must not stop every later one
-                log.exception("analytics worker: computing windows failed")
-                self.counts["worker_errors"] += 1
+                self._worker_failed("computing windows failed")
+            self._undelivered += out.lines
+            if self._undelivered:
+                try:
+                    self._deliver(self._undelivered)
+                except Exception:  # kept, and delivered with the next results
+                    self._worker_failed(f"{len(self._undelivered)} result lines not written")
+                else:
+                    self._undelivered = []
+
+    def _worker_failed(self, what: str) -> None:
+        log.exception("analytics worker: %s", what)
+        self.counts["worker_errors"] += 1
+        self.on_worker_error()
 
     # -- input ---------------------------------------------------------------------------
     def process(self, columns: dict[str, Columns], now_ns: int | None = None) -> Output:

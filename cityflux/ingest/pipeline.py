@@ -97,6 +97,7 @@ class Pipeline:
         )
         if self.analytics is not None:
             self.metrics.checkpoint_corrupt.inc(self.analytics.engine.counts["checkpoint_corrupt"])
+            self.analytics.engine.on_worker_error = self.metrics.analytics_errors.inc
         # the broker's own drop counters ($SYS): one watcher per host is enough
         self.broker_stats = (
             BrokerWatcher(config.mqtt, self.metrics, config.analytics.alerts_db)

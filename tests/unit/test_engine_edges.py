@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import msgspec
@@ -134,3 +135,29 @@ def test_one_device_clock_ahead_neither_closes_the_minute_nor_makes_readings_too
     engine.flush(now_ns=(now_ms + 300_000) * 1_000_000)  # the wall clock caught up
     assert engine.traffic.panes[ahead].emitted
     engine.close()
+
+
+def test_window_results_whose_write_fails_are_kept_and_written_next_time(tmp_path: Path) -> None:
+    """The worker caught a failed write and dropped the lines it had computed: windows lost
+    silently. Now they are kept, counted, and delivered with the next results."""
+    config = config_in(tmp_path).with_overrides({"analytics.delay_s": 0})
+    engine = AnalyticsEngine(config.analytics)
+    written: list[str] = []
+    failed: list[str] = []
+    errors: list[int] = []
+
+    def deliver(lines: list[str]) -> None:
+        if not failed:
+            failed.extend(lines)
+            raise OSError("injected: the database write failed")
+        written.extend(lines)
+
+    engine.on_worker_error = lambda: errors.append(1)
+    engine.start_worker(deliver)
+    for minute in range(4):
+        engine.process(traffic(config, [("det-0001", T0_MS + minute * 60_000, 10)]))
+        time.sleep(0.6)  # the worker wakes at least every 0.5 s
+    engine.close()
+    assert failed, "nothing was computed: the test proves nothing"
+    assert set(failed) <= set(written)
+    assert errors == [1]
