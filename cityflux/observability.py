@@ -116,7 +116,8 @@ class Metrics:
         )
         self.analytics_errors = Counter(
             "cityflux_analytics_errors",
-            "analytics failures: a batch, a window computation or a results write (ingest went on; see the log)",
+            "analytics failures: a batch, a window computation or a results write"
+            " (ingest went on; see the log)",
             registry=registry,
         )
         self.mqtt_protocol_errors = Counter(
