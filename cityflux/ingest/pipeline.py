@@ -249,20 +249,27 @@ class Pipeline:
         return False
 
     def close(self) -> None:
+        """Stop everything, each step even if an earlier one raised (a final checkpoint on a
+        full disk must not leave the broker connection and the spool open); the first error
+        is raised at the end."""
         self.supervisor.stop()
-        if self.analytics is not None:
-            self.analytics.close()
-        self.consumer.stop()
-        if self.broker_stats is not None:
-            self.broker_stats.stop()
-        self.sink.stop()
-        if self.server is not None:
-            self.server.stop()
+        with contextlib.ExitStack() as steps:  # callbacks run last-in first-out
+            steps.callback(self.spool.close)
+            steps.callback(self.sink.close)
+            steps.callback(self._join_threads)
+            if self.server is not None:
+                steps.callback(self.server.stop)
+            steps.callback(self.sink.stop)
+            if self.broker_stats is not None:
+                steps.callback(self.broker_stats.stop)
+            steps.callback(self.consumer.stop)
+            if self.analytics is not None:
+                steps.callback(self.analytics.close)
+
+    def _join_threads(self) -> None:
         stuck = self.supervisor.join(timeout_s=10)
         if stuck:
             log.warning("threads still running at close: %s", ", ".join(stuck))
-        self.sink.close()
-        self.spool.close()
 
     # -- one batch ------------------------------------------------------------------------
     def commit(self, batch: MessageBatch, outcome: BatchOutcome) -> bool:

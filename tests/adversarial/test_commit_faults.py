@@ -274,3 +274,33 @@ def test_an_idle_commit_thread_is_not_stalled_while_another_commits(
         status, body = healthz(pipeline)
         assert status == 200, body
         wait_for(lambda: count_points(db, "pole", "pm25_ugm3") == 1, 20, "the point")
+
+
+def test_a_failing_step_of_close_does_not_skip_the_others(
+    config: Config, broker: LocalMosquitto, db: InfluxWriter
+) -> None:
+    """A final checkpoint on a full disk raised out of close() before the broker connection,
+    the drain and the spool were closed."""
+    pipeline = Pipeline(config)  # with analytics: their close writes the final checkpoint
+    assert pipeline.analytics is not None
+    real_close = pipeline.analytics.close
+
+    def full_disk() -> None:
+        real_close()
+        raise OSError(28, "No space left on device")
+
+    pipeline.analytics.close = full_disk  # type: ignore[method-assign]
+    pipeline.start(wait_connected_s=15)
+    runner = threading.Thread(target=pipeline.run, daemon=True)
+    runner.start()
+    pipeline.stop()
+    runner.join(15)
+    with pytest.raises(OSError, match="No space left"):
+        pipeline.close()
+    assert not pipeline.consumer.connected.is_set()
+    assert not pipeline.consumer.publisher.is_connected()
+    assert all(
+        c.thread is None or not c.thread.is_alive() for c in pipeline.supervisor.components.values()
+    )
+    with pytest.raises(SpoolError, match="closed"):
+        pipeline.spool.append(b"x", gzip=False)
