@@ -8,9 +8,7 @@ import ssl
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Annotated, Any, Final, NoReturn
-from urllib.parse import urlsplit
 
 import msgspec
 import paho.mqtt.client as paho
@@ -23,6 +21,7 @@ from cityflux.analytics.alerts import AlertStore
 from cityflux.cli.common import ConfigOption, app, console, load_or_exit
 from cityflux.config import MqttConfig
 from cityflux.errors import CityfluxError, IngestError
+from cityflux.ingest.mqtt import apply_credentials
 
 alerts_app = typer.Typer(no_args_is_help=True, help="Alerts: list them, acknowledge them.")
 app.add_typer(alerts_app, name="alerts")
@@ -142,18 +141,7 @@ def _ack_client(mqtt: MqttConfig, answers: dict[str, ReasonCode], done: threadin
         protocol=paho.MQTTv5 if mqtt.protocol == "5" else paho.MQTTv311,
         reconnect_on_failure=False,
     )
-    if mqtt.tls.enabled or urlsplit(mqtt.url).scheme == "mqtts":
-        tls = mqtt.tls
-        for key, path in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file)):
-            if path and not Path(path).is_file():
-                raise IngestError(f"mqtt.tls.{key} {path} is not a readable file")
-        try:
-            client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
-        except (OSError, ValueError) as exc:  # a missing or unreadable CA, certificate, key
-            raise IngestError(f"TLS settings (mqtt.tls): {exc}") from exc
-        client.tls_insecure_set(tls.insecure)
-    if mqtt.username:
-        client.username_pw_set(mqtt.username, mqtt.password)
+    apply_credentials(client, mqtt)
 
     def answer(key: str, code: ReasonCode) -> None:
         answers.setdefault(key, code)

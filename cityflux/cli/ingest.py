@@ -62,7 +62,11 @@ def run(
     loaded = load_or_exit(config)
     if workers > 1 and worker_index < 0:
         raise typer.Exit(_supervise(config, workers, verbose))
-    pipeline = Pipeline(loaded, max(worker_index, 0), workers)
+    try:
+        pipeline = Pipeline(loaded, max(worker_index, 0), workers)
+    except CityfluxError as exc:  # e.g. an unreadable TLS file: one line, not a traceback
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
     _run_until_signal(pipeline)
 
 

@@ -29,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cityflux.analytics.alerts import Alert, AlertStore
 from cityflux.config import MqttConfig
+from cityflux.ingest.mqtt import apply_credentials
 from cityflux.observability import Metrics
 from cityflux.supervisor import Component, Spawn
 
@@ -264,13 +265,3 @@ class BrokerWatcher:
 
     def _set_dropping(self) -> None:
         self.metrics.broker["dropping"].set(0 if self._alert is None else 1)
-
-
-def apply_credentials(client: paho.Client, config: MqttConfig) -> None:
-    """The configured username/password and TLS on a paho client (watcher, doctor)."""
-    if config.username:
-        client.username_pw_set(config.username, config.password)
-    if config.tls.enabled or config.url.startswith("mqtts://"):
-        tls = config.tls
-        client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
-        client.tls_insecure_set(tls.insecure)

@@ -23,6 +23,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -365,6 +366,25 @@ def open_socket(config: MqttConfig, timeout_s: float = 10.0) -> socket.socket:
     return sock
 
 
+def apply_credentials(client: paho.Client, config: MqttConfig) -> None:
+    """The configured username/password and TLS on a paho client (publisher, broker watcher,
+    doctor, `alerts ack`). TLS is set up before anything is sent, so a password never goes
+    in clear to an ``mqtts://`` URL; a missing or unreadable CA, certificate or key is one
+    IngestError naming the setting."""
+    if config.tls.enabled or config.url.startswith("mqtts://"):
+        tls = config.tls
+        for key, path in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file)):
+            if path and not Path(path).is_file():
+                raise IngestError(f"mqtt.tls.{key} {path} is not a readable file")
+        try:
+            client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
+        except (OSError, ValueError) as exc:
+            raise IngestError(f"TLS settings (mqtt.tls): {exc}") from exc
+        client.tls_insecure_set(tls.insecure)
+    if config.username:
+        client.username_pw_set(config.username, config.password)
+
+
 def _make_publisher(config: MqttConfig, client_id: str, status_topic: str) -> paho.Client:
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
@@ -377,13 +397,7 @@ def _make_publisher(config: MqttConfig, client_id: str, status_topic: str) -> pa
     )
     client.max_queued_messages_set(0)  # dead letters are never dropped client-side
     client.reconnect_delay_set(1, max(1, round(config.reconnect_max_s)))
-    if config.username:
-        client.username_pw_set(config.username, config.password)
-    if config.tls.enabled or config.url.startswith("mqtts://"):
-        client.tls_set(
-            ca_certs=config.tls.ca_file, certfile=config.tls.cert_file, keyfile=config.tls.key_file
-        )
-        client.tls_insecure_set(config.tls.insecure)
+    apply_credentials(client, config)
     client.will_set(status_topic, OFFLINE, qos=1, retain=True)
     client.on_connect = lambda c, *args: c.publish(status_topic, ONLINE, qos=1, retain=True)
     return client
