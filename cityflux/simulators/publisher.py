@@ -87,9 +87,9 @@ class BulkPublisher:
             will_topic=will[0] if will else None,
             will_payload=will[1] if will else b"",
         )
-        sock.sendall(connect_packet(options))
         reader = PacketReader(self.version, self.config.max_packet_size)
         try:
+            sock.sendall(connect_packet(options))
             while True:
                 data = sock.recv(4096)
                 if not data:
@@ -101,7 +101,7 @@ class BulkPublisher:
             if first is None or first.type != CONNACK:  # MQTT-3.2.0-1
                 raise MqttProtocolError(f"{self.config.url} sent another packet before CONNACK")
             accepted_connack(first, self.version)
-        except IngestError as exc:
+        except (IngestError, OSError) as exc:  # refused, malformed, reset or timed out
             sock.close()
             raise IngestError(f"{self.client_id} to {self.config.url}: {exc}") from exc
         self._pending_reader = reader
