@@ -2,13 +2,17 @@
 
 They hold every reading of the city and name its places and devices, so directories are 0700
 and files 0600 whatever the umask; and a new name is durable only once its directory is
-fsynced (a rename or create can otherwise vanish in a power cut).
+fsynced (a rename or create can otherwise vanish in a power cut). A damaged one is set aside
+for a post-mortem under one naming scheme (:func:`set_aside`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -46,3 +50,29 @@ def _narrow(path: Path, mode: int) -> None:
         info = path.stat()
         if info.st_mode & 0o777 & ~mode and info.st_uid == os.geteuid():
             path.chmod(mode)
+
+
+def set_aside(path: Path, companions: Sequence[str] = ("-wal", "-shm")) -> Path:
+    """Rename a damaged file, kept for a post-mortem, out of the way of a fresh one: to
+    ``<name>.corrupt``, or ``<name>.<UTC time>-<n>.corrupt`` (n = 0, 1, ...) when an earlier one
+    is there, which is never overwritten. Returns the new name; raises OSError.
+
+    ``companions`` (SQLite's ``-wal`` and ``-shm``) move with it as ``<new name><suffix>``, and
+    first: a WAL left next to a new database of the same name would be replayed into it. Then
+    the directory is fsynced, so that a power cut cannot bring the damaged file back."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    names = itertools.chain(
+        [f"{path.name}.corrupt"], (f"{path.name}.{stamp}-{n}.corrupt" for n in itertools.count())
+    )
+    for name in names:
+        aside = path.with_name(name)
+        taken = [aside, *(aside.with_name(name + suffix) for suffix in companions)]
+        if not any(os.path.lexists(p) for p in taken):
+            break
+    for suffix in companions:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path.with_name(path.name + suffix), aside.with_name(aside.name + suffix))
+    with contextlib.suppress(FileNotFoundError):  # a missing file is damage too (the spool)
+        os.rename(path, aside)
+    fsync_directory(path.parent)
+    return aside

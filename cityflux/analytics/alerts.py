@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cityflux.errors import ConfigError
-from cityflux.files import private_sqlite_file
+from cityflux.files import private_sqlite_file, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class AlertStore:
             # a torn or overwritten file must not stop ingest: set it aside for forensics and
             # start afresh. Alert history is also in InfluxDB (cityflux_alert); conditions that
             # still hold raise their alerts again; acknowledgements in the file are lost.
-            aside = _set_aside(Path(path))
+            aside = set_aside(Path(path))
             log.error("alert database %s is unreadable (%s): moved to %s", path, exc, aside)
             private_sqlite_file(Path(path))
             self.db = self._open(Path(path))
@@ -385,19 +385,3 @@ class AlertEngine:
                     tracker.alert.acknowledged, tracker.alert.acknowledged_by = True, by
                     return tracker.alert
         return stored
-
-
-def _set_aside(path: Path) -> Path:
-    """Rename a database (and its WAL and shared-memory files) to ``*.corrupt``, never
-    overwriting an earlier one."""
-    aside = path.with_name(path.name + ".corrupt")
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = path.with_name(f"{path.name}.{n}.corrupt")
-    for suffix in ("-wal", "-shm"):
-        companion = path.with_name(path.name + suffix)
-        if companion.exists():
-            companion.rename(aside.with_name(aside.name + suffix))
-    path.rename(aside)
-    return aside

@@ -12,9 +12,9 @@ so a bad one costs a recovery from InfluxDB, never the start.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,9 @@ import numpy.typing as npt
 
 from cityflux.errors import CityfluxError
 from cityflux.files import fsync_directory, private_directory
+from cityflux.files import set_aside as set_file_aside
 
+log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
 NUMERIC = "biuf"  # bool, signed, unsigned, float: np.load(allow_pickle=False) gives no objects
 _PANE = re.compile(r"(?P<prefix>[a-z]+)\|(?P<start>-?\d+)\|[01]{1,2}\|(?P<column>\w+)")
@@ -129,18 +131,10 @@ def _check_pane(what: str, columns: dict[str, Array], names: frozenset[str], bou
 
 
 def set_aside(path: Path) -> Path | None:
-    """Rename a bad checkpoint to ``<name>.corrupt`` (``<name>.<UTC time>.corrupt`` when one
+    """Rename a bad checkpoint to ``<name>.corrupt`` (``<name>.<UTC time>-<n>.corrupt`` when one
     is there already: an earlier one is never overwritten); None if it cannot be moved."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    candidates = [path.with_name(f"{path.name}.corrupt")]
-    candidates += [path.with_name(f"{path.name}.{stamp}-{n}.corrupt") for n in range(100)]
-    for target in candidates:
-        if target.exists():
-            continue
-        try:
-            os.rename(path, target)  # same directory: atomic
-            fsync_directory(path.parent)
-        except OSError:
-            return None
-        return target
-    return None
+    try:
+        return set_file_aside(path, companions=())
+    except OSError as exc:
+        log.error("cannot set the checkpoint %s aside: %s", path, exc)
+        return None

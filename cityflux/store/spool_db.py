@@ -4,7 +4,6 @@ translation, checks of a row, salvage of a damaged file, and file permissions.""
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import struct
 import time
@@ -44,6 +43,10 @@ _ENVIRONMENTAL: Final = frozenset({3, 5, 6, 7, 8, 10, 13, 14})
 MARKER: Final = DB_NAME + ".created"
 _OLD_HEADER: Final = struct.Struct("<IIB")  # the segment-file spool: length, CRC-32, flags
 _MAX_PROBES: Final = 1_000_000  # ids looked up one by one in a damaged file
+# How long a statement waits for another connection's lock (SQLite's busy handler), and how
+# many times a checkpoint that another reader blocked is tried before it is an error.
+BUSY_TIMEOUT_S: Final = 1.0
+_CHECKPOINT_ATTEMPTS: Final = 3
 
 Row = tuple[Any, ...]  # (id, body, gzip, length, crc) as read: a damaged row may hold anything
 
@@ -66,7 +69,9 @@ _SHRINK_BYTES: Final = 16 * 1024 * 1024
 
 def connect(path: Path) -> sqlite3.Connection:
     private_sqlite_file(path)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+    )
     try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
         if mode != "wal":
@@ -87,6 +92,25 @@ def fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) 
     except sqlite3.Error:
         _rollback(conn)
         raise
+
+
+def checkpoint(conn: sqlite3.Connection, path: Path) -> None:
+    """Move the whole WAL into the database file and truncate it; SpoolError if another
+    connection (a reader of the file: an operator's ``sqlite3``, a backup) keeps it from that.
+
+    SQLite reports that in the result row (busy, frames in the log, frames moved), not as an
+    error: unchecked, acknowledged rows would stay in the WAL, where one flipped bit drops
+    every later transaction (cityflux/store/spool.py)."""
+    for attempt in range(_CHECKPOINT_ATTEMPTS):
+        # each try already waits up to BUSY_TIMEOUT_S in SQLite's busy handler
+        busy, frames, moved = fetch_all(conn, "PRAGMA wal_checkpoint(TRUNCATE)")[0]
+        if not busy:
+            return
+        time.sleep(0.05 * (attempt + 1))
+    raise SpoolError(
+        f"spool {path}: cannot checkpoint the WAL ({moved} of {frames} frames moved): another "
+        "connection is reading the file; close it"
+    )
 
 
 @contextmanager
@@ -332,37 +356,58 @@ def _try_int(conn: sqlite3.Connection, sql: str) -> int | None:
 
 
 # -- files -----------------------------------------------------------------------------------
-def set_aside(path: Path) -> Path:
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    aside = path.with_name(f"{path.name}.{stamp}.corrupt")
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = path.with_name(f"{path.name}.{stamp}-{n}.corrupt")
-    if path.exists():
-        os.replace(path, aside)
-    wal = path.with_name(f"{path.name}-wal")
-    if wal.exists():  # a WAL left next to a new file of the same name would be replayed into it
-        os.replace(wal, aside.with_name(f"{aside.name}-wal"))
-    path.with_name(f"{path.name}-shm").unlink(missing_ok=True)
-    return aside
-
-
 def remove_database(path: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         path.with_name(path.name + suffix).unlink(missing_ok=True)
 
 
-def read_segment(path: Path) -> tuple[list[tuple[bytes, bool]], int]:
-    """The readable records of a segment file of the previous version, and the bytes left."""
-    data = path.read_bytes()
-    bodies: list[tuple[bytes, bool]] = []
-    offset = 0
-    while offset + _OLD_HEADER.size <= len(data):
-        length, crc, flags = _OLD_HEADER.unpack_from(data, offset)
-        body = data[offset + _OLD_HEADER.size : offset + _OLD_HEADER.size + length]
-        if len(body) < length or zlib.crc32(body) != crc:
-            break
-        bodies.append((body, bool(flags & 1)))
-        offset += _OLD_HEADER.size + length
-    return bodies, len(data) - offset
+@dataclass(slots=True)
+class Segment:
+    """What a segment file of the previous version still holds."""
+
+    bodies: list[tuple[bytes, bool]]
+    damaged_spans: int = 0  # runs of bytes that are not a whole record: each lost one or more
+    damaged_bytes: int = 0
+
+
+def read_segment(path: Path) -> Segment:
+    """Every whole record of a segment file of the previous version (``<IIB`` length, CRC-32
+    of the body, flags; then the body), also those behind a torn or damaged one: they may have
+    been acknowledged. Past a bad record the scan moves on byte by byte to the next header that
+    fits the bytes left and whose body matches its CRC (computed only when the length fits, so
+    a damaged span costs little more than its length)."""
+    data = memoryview(path.read_bytes())
+    found = Segment([])
+    offset, damage_from = 0, -1
+    while offset < len(data):
+        record = _old_record(data, offset)
+        if record is None:
+            damage_from = offset if damage_from < 0 else damage_from
+            offset += 1
+            continue
+        if damage_from >= 0:
+            found.damaged_spans += 1
+            found.damaged_bytes += offset - damage_from
+            damage_from = -1
+        body, gzip = record
+        found.bodies.append((body, gzip))
+        offset += _OLD_HEADER.size + len(body)
+    if damage_from >= 0:
+        found.damaged_spans += 1
+        found.damaged_bytes += len(data) - damage_from
+    return found
+
+
+def _old_record(data: memoryview, offset: int) -> tuple[bytes, bool] | None:
+    start = offset + _OLD_HEADER.size
+    if start > len(data):
+        return None
+    length, crc, flags = _OLD_HEADER.unpack_from(data, offset)
+    # the old writer never wrote an empty body or other flags: a run of zeros (a torn write
+    # on many file systems) is not a stream of empty records
+    if length == 0 or length > len(data) - start or flags > 1:
+        return None
+    body = data[start : start + length]
+    if zlib.crc32(body) != crc:
+        return None
+    return bytes(body), bool(flags)

@@ -147,4 +147,6 @@ def test_a_corrupt_alert_database_is_set_aside_not_fatal(tmp_path: Path) -> None
     path.write_bytes(b"not a database at all" * 100)
     again = AlertStore(path)
     again.close()
-    assert (tmp_path / "alerts.sqlite.2.corrupt").exists()  # the first one is kept
+    assert (tmp_path / "alerts.sqlite.corrupt").exists()  # the first one is kept
+    (later,) = tmp_path.glob("alerts.sqlite.*Z-0.corrupt")  # as checkpoints (cityflux/files.py)
+    assert later.read_bytes().startswith(b"not a database at all")

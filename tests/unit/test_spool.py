@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import struct
@@ -11,6 +12,7 @@ import pytest
 
 from cityflux.config import Config, load_config
 from cityflux.errors import SpoolError, SpoolFull
+from cityflux.files import set_aside
 from cityflux.observability import Metrics
 from cityflux.store import spool_db
 from cityflux.store.influx import InfluxWriter
@@ -51,6 +53,22 @@ def test_in_order_across_restarts_and_the_wal_is_empty_at_rest(tmp_path: Path) -
     assert drain(reopened) == bodies
     assert reopened.empty and reopened.size == 0
     assert reopened.corrupt_records == 0 and reopened.corrupt_files == 0
+
+
+def test_draining_keeps_synchronous_full(tmp_path: Path) -> None:
+    """One durability setting for every transaction: no per-record PRAGMA switching."""
+    spool = Spool(tmp_path, max_bytes=10_000)
+    for body in (b"one", b"two"):
+        spool.append(body, gzip=False)
+    assert spool._conn is not None
+    statements: list[str] = []
+    spool._conn.set_trace_callback(statements.append)
+    assert drain(spool) == [b"one", b"two"]
+    assert any(s.startswith("DELETE FROM records") for s in statements)
+    assert not [s for s in statements if "synchronous" in s.lower()]
+    assert spool._conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    spool.close()
+    assert drain(Spool(tmp_path, max_bytes=10_000)) == []  # the commits are on disk
 
 
 def test_cap_raises_spool_full_and_draining_frees_room(tmp_path: Path) -> None:
@@ -136,6 +154,34 @@ def test_segments_of_the_previous_version_are_imported_then_removed(tmp_path: Pa
     assert drain(Spool(tmp_path, max_bytes=10_000)) == []  # imported once
 
 
+def test_records_behind_a_damaged_one_in_an_old_segment_are_imported(tmp_path: Path) -> None:
+    """They may have been acknowledged: the scan finds the next whole record."""
+    segment = tmp_path / "000000000001.spool"
+    torn = struct.pack("<IIB", 100, 0, 0) + b"half a rec"  # a crash, then more appends
+    flipped = bytearray(struct.pack("<IIB", 40, zlib.crc32(b"x" * 40), 0) + b"x" * 40)
+    flipped[20] ^= 0x04
+    parts = [
+        [(b"one", False)],
+        torn,
+        [(b"two" * 30, True), (b"three", False)],
+        bytes(flipped),
+        [(b"four", False)],
+        b"\x00" * 64,  # a zero-filled tail: not 64 / 9 empty records
+    ]
+    data = b""
+    for part in parts:
+        if isinstance(part, bytes):
+            data += part
+        else:
+            old_segment(segment, part)
+            data += segment.read_bytes()
+    segment.write_bytes(data)
+    spool = Spool(tmp_path, max_bytes=10_000)
+    assert drain(spool) == [b"one", b"two" * 30, b"three", b"four"]
+    assert spool.corrupt_records == 3  # three damaged spans, each at least one record
+    assert (tmp_path / "000000000001.spool.corrupt").read_bytes() == data  # kept as found
+
+
 def test_an_emptied_database_file_is_damage_not_a_fresh_start(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=10_000)
     spool.append(b"acknowledged", gzip=False)
@@ -150,7 +196,8 @@ def test_an_unreadable_database_file_is_set_aside(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=10_000)
     assert spool.corrupt_files == 1
     aside = [name for name in files(tmp_path) if name.endswith(".corrupt")]
-    assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes().startswith(b"garbage")
+    assert aside == [f"{DB_NAME}.corrupt"]  # the same naming as checkpoints and alerts
+    assert (tmp_path / aside[0]).read_bytes().startswith(b"garbage")
     spool.append(b"after", gzip=False)
     assert drain(spool) == [b"after"]
 
@@ -175,12 +222,13 @@ def test_a_flipped_bit_in_a_body_is_quarantined_and_counted(tmp_path: Path) -> N
     assert drain(Spool(tmp_path, max_bytes=100_000)) == []  # counted once, not again
 
 
-def test_damage_found_while_running_rebuilds_the_file(tmp_path: Path) -> None:
+def damaged_while_running(tmp_path: Path) -> tuple[Spool, list[bytes]]:
     spool = Spool(tmp_path, max_bytes=10_000_000)
     bodies = [bytes([i]) * 3000 for i in range(1, 40)]
     for body in bodies:
         spool.append(body, gzip=False)
-    spool.close()
+    assert spool._conn is not None
+    spool._conn.close()
     db = tmp_path / DB_NAME
     with sqlite3.connect(db) as conn:
         root = conn.execute("SELECT rootpage FROM sqlite_schema WHERE name='records'").fetchone()
@@ -189,11 +237,81 @@ def test_damage_found_while_running_rebuilds_the_file(tmp_path: Path) -> None:
     db.write_bytes(bytes(data))
     # reconnect without the start-up check, as if the damage happened while running
     spool._conn = spool_db.connect(db)
+    return spool, bodies
+
+
+def test_damage_found_while_running_rebuilds_the_file(tmp_path: Path) -> None:
+    spool, bodies = damaged_while_running(tmp_path)
     out = drain(spool)
     assert spool.corrupt_files == 1
     assert out == bodies[: len(out)]
     assert len(out) + spool.corrupt_records == len(bodies)
     assert any(name.endswith(".corrupt") for name in files(tmp_path))
+
+
+def test_a_failed_rebuild_is_tried_again_by_the_next_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk during the salvage must not leave the spool shut for good."""
+    spool, bodies = damaged_while_running(tmp_path)
+    salvage = spool_db.Salvage.run
+    calls: list[int] = []
+
+    def full_disk_once(self: spool_db.Salvage) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return salvage(self)
+
+    monkeypatch.setattr(spool_db.Salvage, "run", full_disk_once)
+    with pytest.raises(SpoolError, match="No space left on device"):
+        spool.peek()
+    assert spool.corrupt_files == 0 and (tmp_path / DB_NAME).exists()  # the original is kept
+    out = drain(spool)  # the disk has room again: the next call rebuilds, then reads
+    assert len(calls) == 2 and spool.corrupt_files == 1
+    assert out == bodies[: len(out)] and len(out) + spool.corrupt_records == len(bodies)
+    spool.append(b"after", gzip=False)
+    assert drain(spool) == [b"after"]
+    spool.close()
+    with pytest.raises(SpoolError, match="closed"):  # closed on purpose stays closed
+        spool.append(b"late", gzip=False)
+
+
+def test_a_reader_that_blocks_the_checkpoint_is_a_spool_error(tmp_path: Path) -> None:
+    """The row is durable but would stay in the WAL: append says so; the caller's second
+    append makes a duplicate, never a loss."""
+    spool = Spool(tmp_path, max_bytes=10_000)
+    spool.append(b"first", gzip=False)
+    wal = tmp_path / f"{DB_NAME}-wal"
+    reader = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM records").fetchone() == (1,)
+    with pytest.raises(SpoolError, match="cannot checkpoint"):
+        spool.append(b"second", gzip=False)
+    assert wal.stat().st_size > 0
+    reader.execute("COMMIT")
+    reader.close()
+    spool.append(b"second", gzip=False)  # as the sink does after a SpoolError
+    assert wal.stat().st_size == 0
+    spool.close()
+    assert drain(Spool(tmp_path, max_bytes=10_000)) == [b"first", b"second", b"second"]
+
+
+def test_set_aside_never_overwrites_and_moves_the_companions(tmp_path: Path) -> None:
+    db = tmp_path / "x.sqlite"
+    for content in (b"first", b"second", b"third"):
+        db.write_bytes(content)
+        (tmp_path / "x.sqlite-wal").write_bytes(content + b"-wal")
+        aside = set_aside(db)
+        assert aside.read_bytes() == content
+        assert aside.with_name(aside.name + "-wal").read_bytes() == content + b"-wal"
+    assert files(tmp_path) >= {"x.sqlite.corrupt", "x.sqlite.corrupt-wal"}
+    later = {p.read_bytes() for p in tmp_path.glob("x.sqlite.*Z-*.corrupt")}
+    assert later == {b"second", b"third"} and len(files(tmp_path)) == 6
+    # a companion alone (the main file already gone) still moves out of the way
+    (tmp_path / "x.sqlite-wal").write_bytes(b"stale")
+    moved = set_aside(db)
+    assert not db.exists() and moved.with_name(moved.name + "-wal").read_bytes() == b"stale"
 
 
 def test_a_full_disk_is_a_spool_error_and_earlier_records_still_drain(tmp_path: Path) -> None:
