@@ -65,8 +65,12 @@ class BrokerWatcher:
         *,
         clear_after_s: float | None = None,
         silence_s: float = 10.0,
+        on_alert: Callable[[Alert], object] | None = None,
     ) -> None:
         self.config = config
+        # also written to InfluxDB (cityflux_alert) by the pipeline, so that Grafana's alert
+        # panels show the broker's drops beside every other alert
+        self.on_alert = on_alert
         self.metrics = metrics
         self.clear_after_s = config.broker_drop_clear_s if clear_after_s is None else clear_after_s
         # $SYS values are retained: a permitted subscription gets them at once, so silence
@@ -262,6 +266,8 @@ class BrokerWatcher:
         if self._store is not None:
             self._store.save([alert])
         self._client.publish(self.alert_topic, msgspec.json.encode(alert), qos=1, retain=True)
+        if self.on_alert is not None:
+            self.on_alert(alert)
 
     def _set_dropping(self) -> None:
         self.metrics.broker["dropping"].set(0 if self._alert is None else 1)

@@ -18,6 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from cityflux.analytics.engine import alert_line
 from cityflux.analytics.link import AnalyticsLink
 from cityflux.config import Config
 from cityflux.errors import SpoolError, SpoolFull, StoreError
@@ -100,7 +101,12 @@ class Pipeline:
             self.analytics.engine.on_worker_error = self.metrics.analytics_errors.inc
         # the broker's own drop counters ($SYS): one watcher per host is enough
         self.broker_stats = (
-            BrokerWatcher(config.mqtt, self.metrics, config.analytics.alerts_db)
+            BrokerWatcher(
+                config.mqtt,
+                self.metrics,
+                config.analytics.alerts_db,
+                on_alert=lambda alert: self._write_derived([alert_line(alert)]),
+            )
             if config.mqtt.broker_stats and worker == 0
             else None
         )

@@ -27,6 +27,7 @@ from tests.support import (
     count_points,
     publish_all,
     running,
+    select,
     wait_for,
 )
 
@@ -124,6 +125,11 @@ def test_a_burst_while_cityflux_is_away_is_counted_and_alerted(
         alerts.close()
         assert published[-1]["id"] == alert.id
         assert published[-1]["state"] == "active"
+        # and in InfluxDB beside every other alert, for Grafana's alert panels
+        rows = select(db, f"SELECT * FROM cityflux_alert WHERE \"rule\" = '{RULE}'")
+        assert [(r["state"], r["alert_id"], r["entity"]) for r in rows] == [
+            ("active", alert.id, broker.url)
+        ]
 
 
 def test_the_alert_clears_after_a_quiet_period_and_survives_a_restart(tmp_path: Path) -> None:
