@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cityflux.config import Config
 from cityflux.ingest.pipeline import Pipeline
-from cityflux.servers import require_binary
+from cityflux.servers import LocalVictoriaMetrics, require_binary
 from cityflux.store.influx import InfluxWriter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,3 +158,10 @@ def start_ingest_process(config: Config, log: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
+
+
+def export(vm: LocalVictoriaMetrics, selector: str) -> list[dict[str, Any]]:
+    """Every series VictoriaMetrics holds that matches ``selector``, as its export JSON."""
+    query = urllib.parse.urlencode({"match[]": selector})
+    with urllib.request.urlopen(f"{vm.url}/api/v1/export?{query}", timeout=5) as response:
+        return [json.loads(line) for line in response.read().decode().splitlines() if line]

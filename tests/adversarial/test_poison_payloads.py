@@ -9,13 +9,9 @@ reading lands; a good message published after the poison lands too.
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.parse
-import urllib.request
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
 
 from cityflux.config import Config
 from cityflux.ingest.batch import Decoded
@@ -23,7 +19,15 @@ from cityflux.ingest.decode import BatchDecoder
 from cityflux.ingest.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto, LocalVictoriaMetrics
 from cityflux.store.influx import InfluxWriter
-from tests.support import Subscriber, count_points, publish_all, running, select, wait_for
+from tests.support import (
+    Subscriber,
+    count_points,
+    export,
+    publish_all,
+    running,
+    select,
+    wait_for,
+)
 
 NOW_MS = int(time.time() * 1000) - 60_000
 BIG = "1" + "0" * 400
@@ -204,12 +208,6 @@ def test_a_payload_that_raises_is_an_internal_error_of_that_message_only(
     assert {t for t, _ in watcher.messages} == {"cityflux/v1/deadletter/internal_error"}
     rows = select(db, 'SELECT count("message") FROM cityflux_deadletter GROUP BY reason')
     assert [(r["reason"], r["count"]) for r in rows] == [("internal_error", len(booms))]
-
-
-def export(vm: LocalVictoriaMetrics, selector: str) -> list[dict[str, Any]]:
-    query = urllib.parse.urlencode({"match[]": selector})
-    with urllib.request.urlopen(f"{vm.url}/api/v1/export?{query}", timeout=5) as response:
-        return [json.loads(line) for line in response.read().decode().splitlines() if line]
 
 
 def test_a_line_feed_in_a_dead_letter_does_not_lose_it_in_victoriametrics(

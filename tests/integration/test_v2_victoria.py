@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.parse
-import urllib.request
-from typing import Any
 
 from cityflux.config import Config
 from cityflux.ingest.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto, LocalVictoriaMetrics
-from tests.support import publish_all, running, wait_for
+from tests.support import export, publish_all, running, wait_for
 
 NOW_MS = int(time.time() * 1000) - 60_000
-
-
-def export(vm: LocalVictoriaMetrics, selector: str) -> list[dict[str, Any]]:
-    query = urllib.parse.urlencode({"match[]": selector})
-    with urllib.request.urlopen(f"{vm.url}/api/v1/export?{query}", timeout=5) as response:
-        return [json.loads(line) for line in response.read().decode().splitlines() if line]
 
 
 def test_pipeline_writes_through_the_v2_api(
