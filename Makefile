@@ -1,5 +1,5 @@
 # The two commands of the README, and the checks CI runs.
-.PHONY: demo run test check bench bench-simulate bench-chaos
+.PHONY: demo run test test-unit check bench bench-simulate bench-chaos
 
 demo:  ## set up, then a simulated city -> mosquitto -> cityflux -> InfluxDB, shown live
 	@scripts/bootstrap.sh
@@ -12,6 +12,10 @@ run:   ## set up, start local mosquitto + InfluxDB, and ingest (Ctrl-C stops eve
 test:  ## set up, then run the whole test suite against real servers
 	@scripts/bootstrap.sh
 	.venv/bin/pytest
+
+test-unit: ## the fast inner loop: unit tests only, no servers and no apt (about 30 s)
+	@scripts/bootstrap.sh --python-only
+	.venv/bin/pytest -q tests/unit
 
 check: ## lint and type-check
 	.venv/bin/ruff check .
