@@ -125,15 +125,9 @@ def count_points(writer: InfluxWriter, measurement: str, field: str) -> int:
 @contextmanager
 def running(pipeline: Pipeline) -> Iterator[Pipeline]:
     """A pipeline in a background thread, connected before the body runs."""
-    pipeline.start(wait_connected_s=15)
-    thread = threading.Thread(target=pipeline.run, daemon=True)
-    thread.start()
-    try:
+    pipeline.connect_timeout_s = 15
+    with pipeline:
         yield pipeline
-    finally:
-        pipeline.stop()
-        thread.join(timeout=15)
-        pipeline.close()
 
 
 def config_env(config: Config) -> dict[str, str]:

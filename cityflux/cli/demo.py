@@ -115,9 +115,7 @@ def demo(
             city_map = data_dir / "city-map.json"  # the analytics read the simulated city
             city_map.write_bytes(msgspec.json.encode(sim.city))
             loaded = loaded.with_overrides({"analytics.city_map": str(city_map.resolve())})
-            pipeline = Pipeline(loaded)
-            stack.callback(pipeline.close)
-            pipeline.start(wait_connected_s=15)
+            pipeline = stack.enter_context(Pipeline(loaded, connect_timeout_s=15))
         except (CityfluxError, OSError, ValueError) as exc:
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(1) from exc
@@ -129,8 +127,6 @@ def demo(
 def _run(
     sim: Simulation, pipeline: Pipeline, config: Config, speed: float, duration: float
 ) -> RunSummary | None:
-    worker = threading.Thread(target=pipeline.run, name="pipeline", daemon=True)
-    worker.start()
     state = DemoState(sim, pipeline, InfluxWriter(config.influx))
     if pipeline.analytics is not None:
         state.alerts = AlertStore(config.analytics.alerts_db)
@@ -162,8 +158,6 @@ def _run(
         stop.set()
         simulator.join(timeout=60)
         pipeline.drain()
-    pipeline.stop()
-    worker.join(timeout=15)
     exit_if_failed(pipeline)
     return outcome[0] if outcome else None
 

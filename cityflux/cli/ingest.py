@@ -77,13 +77,11 @@ def _run_until_signal(pipeline: Pipeline) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        pipeline.start()
-        pipeline.run()
+        with pipeline:
+            pipeline.wait()
     except CityfluxError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from exc
-    finally:
-        pipeline.close()
     exit_if_failed(pipeline)
 
 
@@ -139,9 +137,7 @@ def up(
     setup_logging(False)
     with ExitStack() as stack:
         config = local_stack(stack, data_dir)
-        pipeline = Pipeline(config)
-        pipeline.start(wait_connected_s=10)
-        stack.callback(pipeline.close)
+        pipeline = stack.enter_context(Pipeline(config, connect_timeout_s=10))
         console.print(
             f"[bold]cityflux is up[/]: broker {config.mqtt.url}, InfluxDB {config.influx.url} "
             f"(database {config.influx.database}), metrics "
@@ -152,23 +148,19 @@ def up(
             f"query:    curl -G {config.influx.url}/query --data-urlencode db=cityflux "
             "--data-urlencode 'q=SELECT * FROM pole'"
         )
-        _run_with_status(pipeline, duration)
+        _show_status(pipeline, duration)
+    exit_if_failed(pipeline)
 
 
-def _run_with_status(pipeline: Pipeline, duration: float) -> None:
-    import threading
-
-    worker = threading.Thread(target=pipeline.run, name="pipeline", daemon=True)
+def _show_status(pipeline: Pipeline, duration: float) -> None:
+    """Redraw the counters until Ctrl-C, SIGTERM, ``duration`` or a failure."""
+    assert pipeline.runner is not None
     signal.signal(signal.SIGTERM, lambda s, f: pipeline.stop())
-    worker.start()
     try:
         with Live(_status_table(pipeline), console=console, refresh_per_second=2) as live:
-            redraw_while(live, worker, duration, lambda: _status_table(pipeline))
+            redraw_while(live, pipeline.runner, duration, lambda: _status_table(pipeline))
     except KeyboardInterrupt:
         pass
-    pipeline.stop()
-    worker.join(timeout=10)
-    exit_if_failed(pipeline)
 
 
 def _status_table(pipeline: Pipeline) -> Table:

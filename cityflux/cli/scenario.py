@@ -4,7 +4,6 @@ scored against its ground truth."""
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections import Counter
 from contextlib import ExitStack
@@ -16,9 +15,9 @@ import typer
 from rich.table import Table
 
 from cityflux.analytics.alerts import Alert
-from cityflux.analytics.report import render
 from cityflux.analytics.scoring import as_dicts, score
 from cityflux.cli.common import ConfigOption, app, console, local_stack, setup_logging
+from cityflux.cli.extras import require
 from cityflux.cli.simulate import make_simulation
 from cityflux.config import Config
 from cityflux.errors import CityfluxError
@@ -55,6 +54,8 @@ def run_command(
 ) -> None:
     """Replay a scenario at full speed through MQTT, ingest and analytics into InfluxDB, then
     score the alerts against the scenario's ground truth (and write the report)."""
+    if report is not None:
+        require("report")  # before the run, not after it
     setup_logging(False)
     run_dir = data_dir / f"{Path(name).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     with ExitStack() as stack:
@@ -66,6 +67,8 @@ def run_command(
             raise typer.Exit(1) from exc
     _print_scores(figures)
     if report is not None:
+        from cityflux.analytics.report import render  # matplotlib: the [report] extra
+
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(render(figures))
         console.print(f"report: {report}")
@@ -96,21 +99,14 @@ def _prepare(
 
 def execute(config: Config, sim: Simulation) -> dict[str, Any]:
     """Run the simulation through a pipeline with analytics; return the report's figures."""
-    pipeline = Pipeline(config)
-    pipeline.start(wait_connected_s=15)
-    worker = threading.Thread(target=pipeline.run, name="pipeline", daemon=True)
-    worker.start()
-    try:
+    with Pipeline(config, connect_timeout_s=15) as pipeline:
         summary = run_simulation(sim, config.mqtt, math.inf)
         pipeline.drain(timeout_s=300, at_least=summary.messages)
-        pipeline.stop()
-        worker.join(timeout=30)
+        pipeline.stop_running()
         if pipeline.analytics is not None:  # the end of the run: close every window
             pipeline.sink.write(pipeline.analytics.flush().lines)
         alerts = pipeline.analytics.engine.alerts.store.select() if pipeline.analytics else []
         return figures(config, sim, summary, alerts)
-    finally:
-        pipeline.close()
 
 
 def figures(

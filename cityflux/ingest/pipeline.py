@@ -55,8 +55,14 @@ Work = tuple[MessageBatch, BatchOutcome]
 
 
 class Pipeline:
-    def __init__(self, config: Config, worker: int = 0, workers: int = 1) -> None:
+    def __init__(
+        self, config: Config, worker: int = 0, workers: int = 1, connect_timeout_s: float = 0.0
+    ) -> None:
+        """``connect_timeout_s``: how long ``with Pipeline(...)`` waits for the broker's
+        CONNACK before raising (0: connect in the background, retrying forever)."""
         self.config = config
+        self.connect_timeout_s = connect_timeout_s
+        self.runner: threading.Thread | None = None  # run(), when used as a context manager
         self.metrics = Metrics()
         self.failure: str | None = None  # set when a component gave up: exit non-zero
         supervision = config.supervision
@@ -237,6 +243,48 @@ class Pipeline:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    # -- as a context manager: the one lifecycle every caller uses ---------------------------
+    def __enter__(self) -> Pipeline:
+        """Start, and :meth:`run` on a thread of its own; ``with`` ends it and closes all."""
+        try:
+            self.start(self.connect_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        self.runner = threading.Thread(target=self._run_or_fail, name="pipeline", daemon=True)
+        self.runner.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_running()
+        self.close()
+
+    def stop_running(self, timeout_s: float = 30.0) -> None:
+        """Stop the main loop and wait for it (its batches in hand committed); the servers'
+        connections stay open until the ``with`` ends."""
+        self.stop()
+        if self.runner is not None:
+            self.runner.join(timeout=timeout_s)
+
+    def _run_or_fail(self) -> None:
+        """The main loop raising is a failure of the whole process, like a component the
+        supervisor gave up on (the caller exits non-zero)."""
+        try:
+            self.run()
+        except BaseException as exc:
+            log.exception("the ingest loop failed")
+            self.failure = f"the ingest loop failed: {type(exc).__name__}: {exc}"
+            self.stopping.set()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the pipeline stops (a signal's :meth:`stop`, or a failure); True if it
+        has. Waits in short slices so that signal handlers run meanwhile."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self.stopping.wait(0.2):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
 
     def drain(self, timeout_s: float = 30.0, quiet_s: float = 1.0, at_least: int = 0) -> bool:
         """Wait until at least ``at_least`` messages are acknowledged (durable), all received

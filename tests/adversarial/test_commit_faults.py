@@ -195,19 +195,15 @@ def test_a_commit_that_keeps_failing_ends_run_with_the_reason(
     pipeline.sink.write = fail_first(  # type: ignore[method-assign]
         pipeline.sink.write, RuntimeError("always"), times=10**9
     )
-    pipeline.start(wait_connected_s=15)
-    runner = threading.Thread(target=pipeline.run, daemon=True)
-    runner.start()
-    try:
+    with running(pipeline):
         publish_all(broker.port, [pole(i) for i in range(5)])
-        runner.join(20)
-        assert not runner.is_alive(), "run() went on with a dead commit path"
+        assert pipeline.wait(20), "run() went on with a dead commit path"
+        assert pipeline.runner is not None
+        pipeline.runner.join(5)
+        assert not pipeline.runner.is_alive()
         assert pipeline.failure is not None
         assert "failed 3 times" in pipeline.failure and "RuntimeError: always" in pipeline.failure
         assert pipeline.metrics.value("messages_acked_total") == 0
-    finally:
-        pipeline.stop()
-        pipeline.close()
 
 
 def crash_once(target: Any, name: str) -> None:
@@ -290,13 +286,8 @@ def test_a_failing_step_of_close_does_not_skip_the_others(
         raise OSError(28, "No space left on device")
 
     pipeline.analytics.close = full_disk  # type: ignore[method-assign]
-    pipeline.start(wait_connected_s=15)
-    runner = threading.Thread(target=pipeline.run, daemon=True)
-    runner.start()
-    pipeline.stop()
-    runner.join(15)
-    with pytest.raises(OSError, match="No space left"):
-        pipeline.close()
+    with pytest.raises(OSError, match="No space left"), running(pipeline):
+        pass
     assert not pipeline.consumer.connected.is_set()
     assert not pipeline.consumer.publisher.is_connected()
     assert all(
