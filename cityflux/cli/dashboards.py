@@ -10,11 +10,15 @@ import typer
 from rich.table import Table
 
 from cityflux.cli.common import ConfigOption, app, console, load_or_exit
-from cityflux.dashboards import catalog
-from cityflux.dashboards.push import PushError, connect, datasource, push
-from cityflux.dashboards.verify import Check, verify
+from cityflux.cli.extras import require
 from cityflux.errors import CityfluxError
 from cityflux.store.influx import InfluxWriter
+
+# cityflux.dashboards needs the [dashboards] extra: imported inside the commands, after require()
+DirectoryOption = Annotated[
+    Path | None,
+    typer.Option(help="dashboard JSON files (default: deploy/grafana/dashboards/)"),
+]
 
 dashboards_app = typer.Typer(
     no_args_is_help=True, help="Grafana dashboards: generate the JSON, check it, push it."
@@ -24,13 +28,20 @@ app.add_typer(dashboards_app, name="dashboards")
 
 @dashboards_app.command("generate")
 def generate(
-    out: Annotated[Path, typer.Option(help="where the JSON files go")] = catalog.DEFAULT_DIR,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="where the JSON files go (default: deploy/grafana/dashboards/)"),
+    ] = None,
     check: Annotated[
         bool, typer.Option("--check", help="only compare the files with the generator")
     ] = False,
 ) -> None:
     """Write every dashboard's JSON (deploy/grafana/dashboards/ by default), or with --check
     fail if the files there are not what the generator makes."""
+    require("dashboards")
+    from cityflux.dashboards import catalog
+
+    out = out or catalog.DEFAULT_DIR
     if check:
         problems = catalog.stale(out)
         for problem in problems:
@@ -51,11 +62,16 @@ def verify_command(
     min_interval: Annotated[
         int, typer.Option(help="the data source's min interval, s (default: health interval)")
     ] = 0,
-    directory: Annotated[Path, typer.Option(help="dashboard JSON files")] = catalog.DEFAULT_DIR,
+    directory: DirectoryOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Run every panel's query against InfluxDB (from the configuration) as Grafana would;
     fail when one errors or comes back empty."""
+    require("dashboards")
+    from cityflux.dashboards import catalog
+    from cityflux.dashboards.verify import Check, verify
+
+    directory = directory or catalog.DEFAULT_DIR
     loaded = load_or_exit(config)
     end = until_ns or time.time_ns()
     start = end - round(since * 3600e9)
@@ -94,20 +110,25 @@ def push_command(
     influx_url: Annotated[
         str | None, typer.Option(help="InfluxDB as Grafana reaches it (default: influx.url)")
     ] = None,
-    directory: Annotated[Path, typer.Option(help="dashboard JSON files")] = catalog.DEFAULT_DIR,
+    directory: DirectoryOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Create or update the InfluxDB data source, the cityflux folder and the dashboards in
     Grafana (idempotent)."""
+    require("dashboards")
+    from cityflux.dashboards import catalog
+    from cityflux.dashboards.push import PushError, connect, datasource, push
+
+    directory = directory or catalog.DEFAULT_DIR
     loaded = load_or_exit(config)
     dashboards = {p.name: catalog.load(p) for p in sorted(directory.glob("*.json"))}
     if not dashboards:
         console.print(f"[red]no dashboards in {directory}[/]")
         raise typer.Exit(2)
     try:
-        api = connect(grafana_url, token=token, user=user, password=password)
         source = datasource(loaded.influx, influx_url, loaded.metrics.health_interval_s)
-        report = push(api, source, dashboards, grafana_url)
+        with connect(grafana_url, token=token, user=user, password=password) as api:
+            report = push(api, source, dashboards)
     except PushError as exc:
         console.print(f"[red]push failed:[/] {exc}")
         raise typer.Exit(1) from exc

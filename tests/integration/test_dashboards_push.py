@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from cityflux.cli import app
+from cityflux.cli import app, extras
 from cityflux.dashboards import catalog
 from cityflux.dashboards.influxql import DATASOURCE_UID
 from cityflux.servers import free_port
@@ -36,6 +36,7 @@ class FakeGrafana:
     folders: dict[str, dict[str, Any]] = field(default_factory=dict)
     dashboards: dict[str, dict[str, Any]] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
+    provisioned: set[str] = field(default_factory=set)  # data sources from files: read-only
 
     def authorised(self, header: str | None) -> bool:
         basic = base64.b64encode(":".join(BASIC).encode()).decode()
@@ -69,6 +70,8 @@ class FakeGrafana:
     def update_datasource(self, uid: str, body: dict[str, Any]) -> tuple[int, Any]:
         if uid not in self.datasources:
             return 404, {"message": "Data source not found"}
+        if uid in self.provisioned:
+            return 403, {"message": "Cannot update read-only data source"}
         self.datasources[uid] = body
         return 200, {"message": "Datasource updated", "datasource": body}
 
@@ -195,3 +198,31 @@ def test_an_unreachable_grafana_is_a_clear_error() -> None:
     result = run("--grafana-url", url, "--token", TOKEN)
     assert result.exit_code == 1
     assert f"cannot reach Grafana at {url}" in result.output
+
+
+def test_a_refused_request_is_a_clear_error_and_stops_the_push(
+    grafana: tuple[FakeGrafana, str],
+) -> None:
+    fake, url = grafana
+    fake.datasources[DATASOURCE_UID] = {"uid": DATASOURCE_UID}
+    fake.provisioned.add(DATASOURCE_UID)
+    result = run("--grafana-url", url, "--token", TOKEN)
+    assert result.exit_code == 1
+    assert (
+        f"Grafana rejected a request: PUT /api/datasources/uid/{DATASOURCE_UID}: HTTP 403: "
+        "Cannot update read-only data source"
+    ) in " ".join(result.output.split())  # unwrapped from the console's width
+    assert writes(fake) == [("PUT", f"/api/datasources/uid/{DATASOURCE_UID}")]
+    assert fake.datasources[DATASOURCE_UID] == {"uid": DATASOURCE_UID} and not fake.dashboards
+
+
+def test_without_the_extra_the_command_names_the_install_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a module that cannot be installed stands for the SDK of an install without [dashboards]
+    monkeypatch.setitem(extras.EXTRAS, "dashboards", ("cityflux_no_such_module",))
+    result = CliRunner().invoke(app, ["dashboards", "push", "--grafana-url", "http://x"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: this command needs cityflux_no_such_module: pip install 'cityflux[dashboards]'"
+    ]

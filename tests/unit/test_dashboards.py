@@ -7,6 +7,7 @@ import configparser
 import json
 import re
 import shutil
+from importlib import metadata
 from pathlib import Path
 
 import urllib3
@@ -109,10 +110,19 @@ def test_every_panel_has_a_query_and_the_annotations_are_alert_changes() -> None
             assert target["textColumn"] == "message"
 
 
-def test_the_real_urllib3_is_installed_beside_urllib3_future() -> None:
-    # grafana-client pulls in urllib3-future, whose wheel overwrites urllib3 (which the
-    # InfluxDB writer and influxdb-client use); scripts/bootstrap.sh keeps them apart
-    assert int(urllib3.__version__.split(".")[2]) < 900  # urllib3-future's patch is >= 900
+def test_urllib3_is_the_real_one_and_nothing_pulls_urllib3_future() -> None:
+    # urllib3-future's wheel (pulled by grafana-client's niquests, dropped for urllib3 in
+    # dashboards/push.py) writes its own files over urllib3's: the module imported would then
+    # not be the distribution installed, and its patch version is >= 900
+    assert urllib3.__version__ == metadata.version("urllib3")
+    assert int(urllib3.__version__.split(".")[2]) < 900
+    gone = {"urllib3-future", "niquests", "grafana-client"}
+    installed = {(d.metadata["Name"] or "").lower() for d in metadata.distributions()}
+    assert not gone & installed
+    # nor does cityflux or any of its extras ask for them
+    required = {re.split(r"[\s;<>=!~\[]", r, maxsplit=1)[0].lower()
+                for r in metadata.requires("cityflux") or []}  # fmt: skip
+    assert "urllib3" in required and not gone & required
 
 
 def test_compose_references_only_files_that_exist() -> None:
