@@ -79,3 +79,10 @@ def test_the_shipped_config_file_states_the_defaults() -> None:
     from tests.support import ROOT
 
     assert load_config(ROOT / "deploy" / "cityflux.toml", environ={}) == Config()
+
+
+def test_the_packaged_city_map_is_the_example_map() -> None:
+    """`analytics.city_map`'s default falls back to a copy shipped in the package (installs
+    without a checkout): the two must not drift apart."""
+    packaged = ROOT / "cityflux" / "analytics" / "city-map.json"
+    assert packaged.read_bytes() == (ROOT / "examples" / "city-map.json").read_bytes()
