@@ -84,5 +84,7 @@ def test_the_shipped_config_file_states_the_defaults() -> None:
 def test_the_packaged_city_map_is_the_example_map() -> None:
     """`analytics.city_map`'s default falls back to a copy shipped in the package (installs
     without a checkout): the two must not drift apart."""
+    from tests.support import ROOT
+
     packaged = ROOT / "cityflux" / "analytics" / "city-map.json"
     assert packaged.read_bytes() == (ROOT / "examples" / "city-map.json").read_bytes()
