@@ -17,10 +17,11 @@ test-unit: ## the fast inner loop: unit tests only, no servers and no apt (about
 	@scripts/bootstrap.sh --python-only
 	.venv/bin/pytest -q tests/unit
 
-check: ## lint and type-check
+check: ## lint, type-check, and the layers contract (import-linter)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 bench: ## ingest benchmark: mosquitto_sub ceiling vs naive script vs cityflux
 	@scripts/bootstrap.sh

@@ -22,7 +22,7 @@ import numpy.typing as npt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cityflux.citymap import CityMap
+from cityflux.model.citymap import CityMap
 
 KIND_CODES = ("pole", "manhole", "traffic")
 # The field each measurement is counted by: every good reading of that kind carries it.

@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from cityflux.ingest.contract import KINDS, Reason
+from cityflux.model.contract import KINDS, Reason
 
 # cityflux_broker_<name>: what the broker says of itself ($SYS), docs/operations.md
 BROKER_GAUGES = {

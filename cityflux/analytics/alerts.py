@@ -28,11 +28,11 @@ import numpy.typing as npt
 
 from cityflux.errors import ConfigError
 from cityflux.files import private_sqlite_file, set_aside
+from cityflux.model.units import NS
 
 log = logging.getLogger(__name__)
 
 Array = npt.NDArray[Any]
-NS: Final = 1_000_000_000
 Severity = Literal["critical", "major", "minor", "warning"]
 OPERATORS: Final[dict[str, Callable[[Any, Any], Any]]] = {
     ">": operator.gt,

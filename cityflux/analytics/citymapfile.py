@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from cityflux.citymap import CityMap, load_city_map
+from cityflux.model.citymap import CityMap, load_city_map
 
 DEFAULT_NAME = "examples/city-map.json"  # config.AnalyticsConfig.city_map's default
 PACKAGED = "city-map.json"  # package data of cityflux.analytics (pyproject package-data)

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cityflux.analytics import indices
-from cityflux.citymap import CityMap
+from cityflux.model.citymap import CityMap
 
 Array = npt.NDArray[Any]
 

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cityflux.citymap import CityMap
+from cityflux.model.citymap import CityMap
 
 Array = npt.NDArray[Any]
 

@@ -46,10 +46,11 @@ from cityflux.analytics.domains import traffic as traffic_domain
 from cityflux.analytics.environment import ManholeState
 from cityflux.analytics.results import Encoder, Output, TooLate, alert_line
 from cityflux.analytics.traffic import California, CaliforniaThresholds, LinkIndices, Rollup
-from cityflux.analytics.windows import NS, Pane, PaneBuffer, Watermark
-from cityflux.citymap import CityMap
+from cityflux.analytics.windows import Pane, PaneBuffer, Watermark
 from cityflux.config import AnalyticsConfig
-from cityflux.ingest.batch import Columns
+from cityflux.model.citymap import CityMap
+from cityflux.model.columns import Columns
+from cityflux.model.units import NS
 from cityflux.supervisor import Component, Spawn
 
 # Output, TooLate and alert_line are imported from here by analytics.link and ingest.pipeline

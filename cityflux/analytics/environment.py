@@ -23,11 +23,11 @@ import numpy as np
 import numpy.typing as npt
 
 from cityflux.analytics import indices
-from cityflux.citymap import CityMap
+from cityflux.model.citymap import CityMap
+from cityflux.model.units import NS
 from cityflux.sun import SUN_BELOW_DEG, solar_elevation_deg
 
 Array = npt.NDArray[Any]
-NS = 1_000_000_000
 POLE_PARTIALS = ("pm25_sum", "pm25_n", "pm10_sum", "pm10_n", "energy_sum", "noise_n",
                  "lamp_rows", "lamp_bad")  # fmt: skip
 

@@ -14,8 +14,8 @@ from cityflux.analytics.alerts import Alert
 from cityflux.analytics.engine import AnalyticsEngine, Output, TooLate
 from cityflux.config import Config
 from cityflux.errors import StoreError
-from cityflux.ingest.batch import Columns, Rejection
-from cityflux.ingest.contract import Reason
+from cityflux.model.columns import Columns, Rejection
+from cityflux.model.contract import Reason
 from cityflux.store.influx import InfluxWriter
 from cityflux.supervisor import Spawn
 

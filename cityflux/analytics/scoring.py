@@ -15,9 +15,9 @@ from typing import Any, Final
 import msgspec
 
 from cityflux.analytics.alerts import Alert
+from cityflux.model.units import NS
 from cityflux.simulators.simulation import GroundTruth, TruthEvent
 
-NS: Final = 1_000_000_000
 GRACE_S: Final = 900.0  # an alert up to 15 minutes after the episode ended still counts
 
 

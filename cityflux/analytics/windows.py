@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-NS = 1_000_000_000
+from cityflux.model.units import NS
+
 Array = npt.NDArray[Any]
 
 

@@ -22,11 +22,11 @@ from typing import Annotated, Final
 
 import typer
 
-from cityflux.citymap import CityMap, load_city_map
 from cityflux.cli.common import ConfigOption, app, load_or_exit
 from cityflux.errors import CityfluxError, ConfigError
-from cityflux.ingest.contract import ID_PATTERN
 from cityflux.ingest.topics import RESERVED_LEVELS
+from cityflux.model.citymap import CityMap, load_city_map
+from cityflux.model.contract import ID_PATTERN
 
 devices_app = typer.Typer(no_args_is_help=True, help="Device accounts on the broker.")
 app.add_typer(devices_app, name="devices")

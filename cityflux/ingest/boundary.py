@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cityflux.config import IngestConfig
-from cityflux.ingest.batch import Columns, Rejection
-from cityflux.ingest.contract import Reason
 from cityflux.ingest.decode import BatchDecoder
 from cityflux.ingest.validate import validate
+from cityflux.model.columns import Columns, Rejection
+from cityflux.model.contract import Reason
 from cityflux.store.lineprotocol import BatchEncoder
 
 log = logging.getLogger(__name__)

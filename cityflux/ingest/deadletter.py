@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from cityflux.ingest.batch import Rejection
-from cityflux.ingest.contract import Reason
+from cityflux.model.columns import Rejection
+from cityflux.model.contract import Reason
 from cityflux.store.lineprotocol import encode_point
 from cityflux.store.schema import DEADLETTER_MEASUREMENT
 

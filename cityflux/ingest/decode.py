@@ -23,8 +23,10 @@ import numpy.typing as npt
 
 from cityflux.config import IngestConfig
 from cityflux.ingest import keys
-from cityflux.ingest.batch import BOOL_ABSENT, Columns, Decoded, Rejection
-from cityflux.ingest.contract import (
+from cityflux.ingest.timestamps import to_epoch_ns
+from cityflux.ingest.topics import DeviceTopic, TopicParser, TopicRejection
+from cityflux.model.columns import BOOL_ABSENT, Columns, Decoded, Rejection
+from cityflux.model.contract import (
     KIND_FIELDS,
     LANE_FIELDS,
     MAX_LANES,
@@ -35,8 +37,6 @@ from cityflux.ingest.contract import (
     Reason,
     StatusMessage,
 )
-from cityflux.ingest.timestamps import to_epoch_ns
-from cityflux.ingest.topics import DeviceTopic, TopicParser, TopicRejection
 
 # msgspec's words for a number outside its type: a float overflow (1e400), an integer outside
 # the int64 bounds of the contract's types, or one too long for msgspec to read at all

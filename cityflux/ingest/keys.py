@@ -30,8 +30,8 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from cityflux.ingest.batch import Columns, Rejection
-from cityflux.ingest.contract import Reason
+from cityflux.model.columns import Columns, Rejection
+from cityflux.model.contract import Reason
 
 # per reading kind: the message of each row, and the keys each row's reading holds
 KeyCounts = tuple[list[int], npt.NDArray[np.int64]]

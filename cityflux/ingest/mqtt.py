@@ -49,14 +49,13 @@ from cityflux.ingest.mqtt_codec import (
 )
 from cityflux.ingest.mqtt_control import Connack, accepted_connack, disconnect_reason, suback_codes
 from cityflux.ingest.mqtt_oversize import OversizedPayload
+from cityflux.model.contract import OFFLINE, ONLINE
 from cityflux.observability import Metrics
 from cityflux.store.influx import backoff
 from cityflux.supervisor import Component, Supervisor
 
 log = logging.getLogger(__name__)
 RECV_BYTES = 256 * 1024
-OFFLINE = b'{"state":"offline"}'
-ONLINE = b'{"state":"online"}'
 V311_WARNING = (
     "mqtt.protocol is 3.1.1: the broker %s decides how many messages it holds for us, and "
     "mosquitto's defaults (max_inflight_messages 20, max_queued_messages 1000) drop a burst; "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from cityflux.ingest.contract import ID_PATTERN, KINDS, Reason
+from cityflux.model.contract import ID_PATTERN, KINDS, Reason
 
 # Levels under the root that cityflux itself publishes to: seen (we subscribe to root/#), counted
 # as ignored, never dead-lettered (that would loop).

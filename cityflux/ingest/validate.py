@@ -13,11 +13,10 @@ import numpy as np
 import numpy.typing as npt
 
 from cityflux.config import IngestConfig
-from cityflux.ingest.batch import Columns, Rejection
-from cityflux.ingest.contract import KIND_FIELDS, MAX_VEHICLES_PER_LANE_SECOND, FieldSpec, Reason
 from cityflux.ingest.timestamps import MISSING, UNREPRESENTABLE
-
-NS = 1_000_000_000
+from cityflux.model.columns import Columns, Rejection
+from cityflux.model.contract import KIND_FIELDS, MAX_VEHICLES_PER_LANE_SECOND, FieldSpec, Reason
+from cityflux.model.units import NS
 
 
 @dataclass(frozen=True, slots=True)

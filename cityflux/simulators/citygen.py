@@ -17,7 +17,7 @@ from typing import Any, Final
 import msgspec
 import numpy as np
 
-from cityflux.citymap import (
+from cityflux.model.citymap import (
     CityMap,
     Detector,
     District,

@@ -23,7 +23,7 @@ from typing import Final
 
 from cityflux.config import MqttConfig
 from cityflux.errors import IngestError, MqttProtocolError
-from cityflux.ingest.mqtt import OFFLINE, open_socket
+from cityflux.ingest.mqtt import open_socket
 from cityflux.ingest.mqtt_codec import (
     CONNACK,
     DISCONNECT,
@@ -39,6 +39,7 @@ from cityflux.ingest.mqtt_codec import (
     publish_packet,
 )
 from cityflux.ingest.mqtt_control import accepted_connack, disconnect_reason, puback_reason
+from cityflux.model.contract import OFFLINE
 
 Message = tuple[str, bytes, bool]  # topic, payload, retain
 MAX_PACKET_ID: Final = 65_535

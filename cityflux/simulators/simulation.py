@@ -14,12 +14,12 @@ import itertools
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import msgspec
 import numpy as np
 
-from cityflux.citymap import CityMap, load_city_map
+from cityflux.model.citymap import CityMap, load_city_map
 from cityflux.simulators.citygen import generate_city
 from cityflux.simulators.environment import (
     ManholeState,
@@ -37,10 +37,6 @@ from cityflux.simulators.traffic import (
     detector_bank,
     lane_numbers,
 )
-
-ONLINE: Final = b'{"state":"online"}'
-OFFLINE: Final = b'{"state":"offline"}'
-KINDS: Final = ("pole", "manhole", "traffic")
 
 
 @dataclass(slots=True)

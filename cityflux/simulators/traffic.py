@@ -27,7 +27,7 @@ from typing import Final
 import msgspec
 import numpy as np
 
-from cityflux.citymap import CityMap
+from cityflux.model.citymap import CityMap
 
 EFFECTIVE_LENGTH_M: Final = 7.0  # vehicle + loop length: occupancy = k * 7 m (5.5 m + 1.5 m loop)
 EXIT_FACTOR: Final = {"expressway": 1.0, "arterial": 0.85, "secondary": 0.8, "branch": 0.8}

@@ -23,7 +23,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from cityflux.ingest.batch import BOOL_ABSENT, Columns
+from cityflux.model.columns import BOOL_ABSENT, Columns
 from cityflux.store.schema import MEASUREMENTS
 
 _MEASUREMENT: Final = str.maketrans({",": r"\,", " ": r"\ "})

@@ -14,9 +14,9 @@ from collections import Counter
 from collections.abc import Sequence
 
 from cityflux.config import Config
-from cityflux.ingest.batch import Decoded
 from cityflux.ingest.decode import BatchDecoder
 from cityflux.ingest.pipeline import Pipeline
+from cityflux.model.columns import Decoded
 from cityflux.servers import LocalMosquitto, LocalVictoriaMetrics
 from cityflux.store.influx import InfluxWriter
 from tests.support import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from cityflux.citymap import CityMap, check_city_map
+from cityflux.model.citymap import CityMap, check_city_map
 from cityflux.simulators.citygen import CitySpec, generate_city, to_geojson
 
 

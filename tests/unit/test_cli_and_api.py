@@ -9,7 +9,7 @@ from pathlib import Path
 
 import cityflux
 from cityflux import errors
-from cityflux.citymap import load_city_map
+from cityflux.model.citymap import load_city_map
 from cityflux.simulators.scenario import load_scenario
 from cityflux.simulators.simulation import Simulation
 from tests.support import ROOT

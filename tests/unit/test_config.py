@@ -52,7 +52,7 @@ def test_frozen() -> None:
 
 
 def test_example_city_map_is_valid() -> None:
-    from cityflux.citymap import load_city_map
+    from cityflux.model.citymap import load_city_map
     from tests.support import ROOT
 
     city = load_city_map(ROOT / "examples" / "city-map.json")
@@ -63,7 +63,7 @@ def test_example_city_map_is_valid() -> None:
 def test_city_map_errors_are_specific(tmp_path: Path) -> None:
     import json
 
-    from cityflux.citymap import load_city_map
+    from cityflux.model.citymap import load_city_map
     from tests.support import ROOT
 
     data = json.loads((ROOT / "examples" / "city-map.json").read_text())

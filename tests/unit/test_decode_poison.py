@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cityflux.config import Config
-from cityflux.ingest.batch import Decoded
 from cityflux.ingest.boundary import Staged, stage
-from cityflux.ingest.contract import Reason
 from cityflux.ingest.decode import BatchDecoder
 from cityflux.ingest.validate import validate
+from cityflux.model.columns import Decoded
+from cityflux.model.contract import Reason
 from cityflux.store.lineprotocol import BatchEncoder
 
 NOW_NS = time.time_ns()

@@ -10,9 +10,9 @@ import numpy as np
 
 from cityflux.analytics.engine import AnalyticsEngine
 from cityflux.config import Config
-from cityflux.ingest.batch import Columns
 from cityflux.ingest.decode import BatchDecoder
 from cityflux.ingest.validate import validate
+from cityflux.model.columns import Columns
 
 T0_MS = 1_795_561_200_000  # 2026-11-25T07:00:00+08:00
 

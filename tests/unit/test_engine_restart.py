@@ -21,9 +21,9 @@ import pytest
 
 from cityflux.analytics.engine import AnalyticsEngine
 from cityflux.config import Config
-from cityflux.ingest.batch import Columns
 from cityflux.ingest.decode import BatchDecoder
 from cityflux.ingest.validate import validate
+from cityflux.model.columns import Columns
 from cityflux.simulators.scenario import load_scenario
 from cityflux.simulators.simulation import Simulation
 from tests.unit.test_engine_edges import T0_MS, poles

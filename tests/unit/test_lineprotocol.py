@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cityflux.ingest.batch import Columns
+from cityflux.model.columns import Columns
 from cityflux.store.lineprotocol import BatchEncoder, encode_point, encode_table
 
 

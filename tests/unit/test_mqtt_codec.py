@@ -4,7 +4,6 @@ import pytest
 
 from cityflux.config import MQTT_PACKET_MARGIN, Config
 from cityflux.errors import ConfigError, IngestError, MqttProtocolError
-from cityflux.ingest.contract import Reason
 from cityflux.ingest.deadletter import DeadLetterFactory
 from cityflux.ingest.decode import BatchDecoder
 from cityflux.ingest.mqtt_codec import (
@@ -19,6 +18,7 @@ from cityflux.ingest.mqtt_codec import (
     varint,
 )
 from cityflux.ingest.mqtt_oversize import OVERSIZE_KEEP, OversizedPayload
+from cityflux.model.contract import Reason
 
 
 def publish(topic: bytes, payload: bytes, packet_id: int | None, v5: bool = False) -> bytes:

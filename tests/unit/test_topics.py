@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from cityflux.ingest.contract import Reason
 from cityflux.ingest.topics import DeviceTopic, TopicParser, TopicRejection
+from cityflux.model.contract import Reason
 
 parser = TopicParser("cityflux/v1")
 

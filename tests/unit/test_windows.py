@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cityflux.analytics.windows import NS, PaneBuffer, Watermark
+from cityflux.analytics.windows import PaneBuffer, Watermark
+from cityflux.model.units import NS
 
 MIN = 60 * NS
 

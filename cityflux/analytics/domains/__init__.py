@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from cityflux.analytics.domains import manholes, poles, status, traffic
 from cityflux.analytics.results import Output
-from cityflux.ingest.batch import Columns
+from cityflux.model.columns import Columns
 
 if TYPE_CHECKING:
     from cityflux.analytics.engine import AnalyticsEngine

@@ -9,7 +9,7 @@ import numpy.typing as npt
 from cityflux.analytics.alerts import Observation
 from cityflux.analytics.devices import by_occurrence
 from cityflux.analytics.results import Output
-from cityflux.ingest.batch import Columns
+from cityflux.model.columns import Columns
 
 if TYPE_CHECKING:
     from cityflux.analytics.engine import AnalyticsEngine

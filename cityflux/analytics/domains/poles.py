@@ -11,8 +11,8 @@ import numpy.typing as npt
 from cityflux.analytics.alerts import Observation
 from cityflux.analytics.environment import POLE_PARTIALS, air_noise, pole_partials
 from cityflux.analytics.results import Output
-from cityflux.analytics.windows import NS
-from cityflux.ingest.batch import Columns
+from cityflux.model.columns import Columns
+from cityflux.model.units import NS
 
 if TYPE_CHECKING:
     from cityflux.analytics.engine import AnalyticsEngine

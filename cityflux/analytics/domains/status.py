@@ -13,8 +13,8 @@ from cityflux.analytics.alerts import Observation
 from cityflux.analytics.citymodel import lookup
 from cityflux.analytics.devices import by_occurrence
 from cityflux.analytics.results import Output
-from cityflux.analytics.windows import NS
-from cityflux.ingest.batch import Columns
+from cityflux.model.columns import Columns
+from cityflux.model.units import NS
 
 if TYPE_CHECKING:
     from cityflux.analytics.engine import AnalyticsEngine

@@ -18,7 +18,7 @@ from cityflux.analytics.traffic import (
     rollup,
     station_partials,
 )
-from cityflux.ingest.batch import Columns
+from cityflux.model.columns import Columns
 
 if TYPE_CHECKING:
     from cityflux.analytics.engine import AnalyticsEngine

@@ -99,6 +99,9 @@ KIND_FIELDS: Final[dict[str, tuple[FieldSpec, ...]]] = {
 }
 KINDS: Final = ("pole", "manhole", "traffic")
 STATUS_STATES: Final = ("online", "offline")
+# Retained payloads on a device's or cityflux's status topic (the offline one as MQTT will).
+ONLINE: Final = b'{"state":"online"}'
+OFFLINE: Final = b'{"state":"offline"}'
 
 # Ids become InfluxDB tag values and MQTT topic levels: a strict charset means no escaping
 # surprises downstream and hostile ids (spaces, commas, '=', quotes, newlines) are rejected.

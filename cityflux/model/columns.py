@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cityflux.ingest.contract import Reason
+from cityflux.model.contract import Reason
 
 IntArray = npt.NDArray[np.int64]
 IndexArray = npt.NDArray[np.int32]
