@@ -95,7 +95,12 @@ def test_device_failure_raises_the_deadman_alerts(config: Config, tmp_path: Path
     assert stuck["recall"] == 1.0 and stuck["precision"] == 1.0
     # the will arrives at once; its time is the newest reading before it, which the
     # scenario's clock-skewed devices (+90 s) can put ahead
-    assert score["max_time_to_detect_s"] <= 120
+    first = sorted(
+        (a["started_ns"] / 1e9 - spans[a["entity"]][0], a["rule"], a["entity"])
+        for a in figures["alerts"]
+        if a["entity"] in spans
+    )
+    assert score["max_time_to_detect_s"] <= 120, first[-5:]  # the latest detections, if not
     offline = [a for a in figures["alerts"] if a["rule"] == "device_offline"]
     assert {a["state"] for a in offline} == {"cleared"}  # they all came back
 
