@@ -97,10 +97,10 @@ def _prepare(
     return loaded.with_overrides(overrides), sim
 
 
-def execute(config: Config, sim: Simulation) -> dict[str, Any]:
+def execute(config: Config, sim: Simulation, speed: float = math.inf) -> dict[str, Any]:
     """Run the simulation through a pipeline with analytics; return the report's figures."""
     with Pipeline(config, connect_timeout_s=15) as pipeline:
-        summary = run_simulation(sim, config.mqtt, math.inf)
+        summary = run_simulation(sim, config.mqtt, speed)
         pipeline.drain(timeout_s=300, at_least=summary.messages)
         pipeline.stop_running()
         if pipeline.analytics is not None:  # the end of the run: close every window
