@@ -29,9 +29,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cityflux.analytics.alerts import Alert, AlertStore
 from cityflux.config import MqttConfig
-from cityflux.ingest.mqtt import apply_credentials
+from cityflux.ingest.mqtt import apply_credentials, paho_network_loop
 from cityflux.observability import Metrics
-from cityflux.supervisor import Component, Spawn
+from cityflux.supervisor import Spawn
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -108,12 +108,7 @@ class BrokerWatcher:
         if spawn is None:
             self._client.loop_start()
         else:
-            self._thread = spawn("broker-stats", self._network_loop)
-
-    def _network_loop(self, component: Component) -> None:
-        """paho reconnects by itself; returns after :meth:`stop`'s disconnect."""
-        component.beat()
-        self._client.loop_forever(retry_first_connection=True)
+            self._thread = spawn("broker-stats", paho_network_loop(self._client))
 
     def stop(self) -> None:
         if self._timer is not None:

@@ -22,6 +22,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,7 +116,7 @@ class MqttConsumer:
             log.warning(V311_WARNING, self.config.url)
         self.publisher.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
         # paho's own network loop, on a supervised thread instead of loop_start's bare one
-        self.supervisor.spawn("mqtt-publisher", self._publisher_loop)
+        self.supervisor.spawn("mqtt-publisher", paho_network_loop(self.publisher))
         self.supervisor.spawn("mqtt-reader", self._connection_loop)
         if wait_s and not self.connected.wait(wait_s):
             raise IngestError(f"no CONNACK from {self.config.url} within {wait_s:.0f}s")
@@ -133,15 +134,10 @@ class MqttConsumer:
             info = self.publisher.publish(self.status_topic, OFFLINE, qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):  # raced with a disconnect
                 info.wait_for_publish(2)
-        self.publisher.disconnect()  # ends _publisher_loop
+        self.publisher.disconnect()  # ends its network loop
         publisher = self.supervisor.components.get("mqtt-publisher")
         if publisher is not None and publisher.thread is not None:
             publisher.thread.join(timeout=5)
-
-    def _publisher_loop(self, component: Component) -> None:
-        """paho's network loop: reconnects by itself, returns after :meth:`stop`'s disconnect."""
-        component.beat()
-        self.publisher.loop_forever(retry_first_connection=True)
 
     # -- the connection thread --------------------------------------------------------------
     def _connection_loop(self, component: Component) -> None:
@@ -363,6 +359,17 @@ def open_socket(config: MqttConfig, timeout_s: float = 10.0) -> socket.socket:
             context.check_hostname = False
         sock = context.wrap_socket(sock, server_hostname=config.host)
     return sock
+
+
+def paho_network_loop(client: paho.Client) -> Callable[[Component], None]:
+    """paho's network loop as a supervised target, instead of loop_start's bare thread: it
+    reconnects by itself and returns after the client's ``disconnect()``."""
+
+    def loop(component: Component) -> None:
+        component.beat()
+        client.loop_forever(retry_first_connection=True)
+
+    return loop
 
 
 def apply_credentials(client: paho.Client, config: MqttConfig) -> None:
