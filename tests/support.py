@@ -24,6 +24,7 @@ from cityflux.config import Config
 from cityflux.ingest.pipeline import Pipeline
 from cityflux.servers import LocalVictoriaMetrics, require_binary
 from cityflux.store.influx import InfluxWriter
+from cityflux.store.spool import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,3 +160,24 @@ def export(vm: LocalVictoriaMetrics, selector: str) -> list[dict[str, Any]]:
     query = urllib.parse.urlencode({"match[]": selector})
     with urllib.request.urlopen(f"{vm.url}/api/v1/export?{query}", timeout=5) as response:
         return [json.loads(line) for line in response.read().decode().splitlines() if line]
+
+
+def drain(spool: Spool) -> list[bytes]:
+    """Every body left in the spool, oldest first, committed as it is read."""
+    out = []
+    while (record := spool.peek()) is not None:
+        out.append(record.body)
+        spool.commit(record)
+    return out
+
+
+def v2_overrides(victoria: LocalVictoriaMetrics) -> dict[str, object]:
+    """Settings for writing to VictoriaMetrics through the InfluxDB v2 API."""
+    return {
+        "influx.url": victoria.url,
+        "influx.api": "v2",
+        "influx.token": "secret",
+        "influx.bucket": "city",
+        "influx.org": "ops",
+        "metrics.health_interval_s": 0,
+    }

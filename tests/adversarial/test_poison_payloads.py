@@ -26,6 +26,7 @@ from tests.support import (
     publish_all,
     running,
     select,
+    v2_overrides,
     wait_for,
 )
 
@@ -215,17 +216,7 @@ def test_a_line_feed_in_a_dead_letter_does_not_lose_it_in_victoriametrics(
 ) -> None:
     """VictoriaMetrics splits the body on every line feed, quotes or not: unescaped, the dead
     letter's point was dropped without an error (measured: 204, and nothing stored)."""
-    config = config.with_overrides(
-        {
-            "influx.url": victoria.url,
-            "influx.api": "v2",
-            "influx.token": "secret",
-            "influx.bucket": "city",
-            "influx.org": "ops",
-            "metrics.health_interval_s": 0,
-            "analytics.enabled": False,
-        }
-    )
+    config = config.with_overrides({**v2_overrides(victoria), "analytics.enabled": False})
     payload = b'{"ts": %d, "pm25_ugm3": 1, "x\\ny": 2}' % NOW_MS
     device = f"pole-lf-{NOW_MS}"
     with running(Pipeline(config)) as pipeline:

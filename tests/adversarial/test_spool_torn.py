@@ -30,6 +30,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from cityflux.store.spool import DB_NAME, Spool
+from tests.support import drain
 
 CAP = 10_000_000
 
@@ -54,14 +55,6 @@ damages = st.builds(
 def bodies(seed: int, sizes: list[int], start: int) -> list[bytes]:
     rng = random.Random(seed)
     return [f"<{start + i:05d}>".encode() + rng.randbytes(size) for i, size in enumerate(sizes)]
-
-
-def drain(spool: Spool) -> list[bytes]:
-    out = []
-    while (record := spool.peek()) is not None:
-        out.append(record.body)
-        spool.commit(record)
-    return out
 
 
 def crash_image(source: Path, target: Path) -> None:

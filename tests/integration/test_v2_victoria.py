@@ -7,7 +7,7 @@ import time
 from cityflux.config import Config
 from cityflux.ingest.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto, LocalVictoriaMetrics
-from tests.support import export, publish_all, running, wait_for
+from tests.support import export, publish_all, running, v2_overrides, wait_for
 
 NOW_MS = int(time.time() * 1000) - 60_000
 
@@ -15,16 +15,7 @@ NOW_MS = int(time.time() * 1000) - 60_000
 def test_pipeline_writes_through_the_v2_api(
     broker: LocalMosquitto, config: Config, victoria: LocalVictoriaMetrics
 ) -> None:
-    config = config.with_overrides(
-        {
-            "influx.url": victoria.url,
-            "influx.api": "v2",
-            "influx.token": "secret",
-            "influx.bucket": "city",
-            "influx.org": "ops",
-            "metrics.health_interval_s": 0,
-        }
-    )
+    config = config.with_overrides(v2_overrides(victoria))
     device = f"pole-v2-{NOW_MS}"
     payloads = [
         (

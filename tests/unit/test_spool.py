@@ -18,14 +18,7 @@ from cityflux.store import spool_db
 from cityflux.store.influx import InfluxWriter
 from cityflux.store.sink import DurableSink
 from cityflux.store.spool import DB_NAME, Spool
-
-
-def drain(spool: Spool) -> list[bytes]:
-    out = []
-    while (record := spool.peek()) is not None:
-        out.append(record.body)
-        spool.commit(record)
-    return out
+from tests.support import drain
 
 
 def files(directory: Path) -> set[str]:
