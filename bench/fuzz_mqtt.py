@@ -7,7 +7,7 @@
 The property is the one tests/unit/test_mqtt_fuzz.py checks briefly: whatever the bytes,
 ``PacketReader.feed`` and the control-packet parsers return or raise ``MqttProtocolError``, and
 a stream parses the same whole or split. atheris (libFuzzer) mutates towards new branches of
-``cityflux/ingest/mqtt_codec.py`` from a seed corpus of valid packets; a finding is written to
+``cityflux/mqtt/codec.py`` from a seed corpus of valid packets; a finding is written to
 ``--artifacts`` as ``crash-*`` and the run exits non-zero.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-CODEC, CONTROL = "cityflux.ingest.mqtt_codec", "cityflux.ingest.mqtt_control"
-OVERSIZE = "cityflux.ingest.mqtt_oversize"
+CODEC, CONTROL = "cityflux.mqtt.codec", "cityflux.mqtt.control"
+OVERSIZE = "cityflux.mqtt.oversize"
 
 
 def seed_packets(codec: Any) -> list[bytes]:
@@ -99,8 +99,7 @@ def atheris_child(seconds: int, corpus: Path, artifacts: Path) -> None:
     import atheris
 
     with atheris.instrument_imports(include=[CODEC, CONTROL, OVERSIZE]):
-        import cityflux.ingest.mqtt_codec as codec
-        import cityflux.ingest.mqtt_control as control
+        from cityflux.mqtt import codec, control
 
     def one_input(data: bytes) -> None:
         check_one(codec, control, data)
@@ -120,7 +119,7 @@ def atheris_child(seconds: int, corpus: Path, artifacts: Path) -> None:
 
 
 def run_atheris(seconds: int, artifacts: Path) -> int:
-    import cityflux.ingest.mqtt_codec as codec
+    from cityflux.mqtt import codec
 
     corpus = Path(tempfile.mkdtemp(prefix="mqtt-corpus-"))
     for number, seed in enumerate(seed_packets(codec)):
@@ -156,8 +155,7 @@ def run_hypothesis(seconds: int) -> int:
     from hypothesis import HealthCheck, given, seed, settings
     from hypothesis import strategies as st
 
-    import cityflux.ingest.mqtt_codec as codec
-    import cityflux.ingest.mqtt_control as control
+    from cityflux.mqtt import codec, control
 
     execs = 0
     seeds = seed_packets(codec)
@@ -197,7 +195,7 @@ def run_hypothesis(seconds: int) -> int:
 
 def reassembly() -> None:
     """A 10 MiB PUBLISH read in 16 KiB pieces, and 200,000 small ones read 256 KiB at a time."""
-    import cityflux.ingest.mqtt_codec as codec
+    from cityflux.mqtt import codec
 
     payload = b"x" * (10 * 1024 * 1024)
     packet = codec.publish_packet("a/b", payload, 7, codec.V311)

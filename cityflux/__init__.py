@@ -4,7 +4,7 @@ from cityflux.config import Config, load_config
 from cityflux.errors import (
     CityfluxError,
     ConfigError,
-    IngestError,
+    MqttError,
     ServerError,
     SpoolError,
     SpoolFull,
@@ -12,7 +12,7 @@ from cityflux.errors import (
     WriteRejected,
     WriteRetryable,
 )
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 
 __version__ = "0.1.0"
 
@@ -20,7 +20,7 @@ __all__ = [
     "CityfluxError",
     "Config",
     "ConfigError",
-    "IngestError",
+    "MqttError",
     "Pipeline",
     "ServerError",
     "SpoolError",

@@ -19,11 +19,11 @@ class ServerError(CityfluxError):
     """A local server (mosquitto, influxd, victoria-metrics) is missing or failed to start."""
 
 
-class IngestError(CityfluxError):
-    """The MQTT side failed: connect, subscribe or acknowledge."""
+class MqttError(CityfluxError):
+    """The MQTT side failed: connect, subscribe, publish or acknowledge."""
 
 
-class MqttProtocolError(IngestError):
+class MqttProtocolError(MqttError):
     """The broker sent a malformed or forbidden packet: drop the connection and reconnect."""
 
 

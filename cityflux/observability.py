@@ -142,7 +142,7 @@ class Metrics:
             ["error"],
             registry=registry,
         )
-        # the broker's own counters from its $SYS topics (cityflux/ingest/broker_stats.py)
+        # the broker's own counters from its $SYS topics (cityflux/pipeline/broker_stats.py)
         self.broker = {
             name: Gauge(f"cityflux_broker_{name}", text, registry=registry)
             for name, text in BROKER_GAUGES.items()

@@ -188,3 +188,8 @@ def _has_work(component: Component) -> bool:
     except Exception:  # a broken probe must not break /healthz; say there is work
         log.exception("the progress probe of %s failed", component.name)
         return True
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter (AWS architecture blog, 2015)."""
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))

@@ -21,7 +21,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalVictoriaMetrics, require_binary
 from cityflux.store.influx import InfluxWriter
 from cityflux.store.spool import Spool

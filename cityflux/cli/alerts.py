@@ -20,8 +20,8 @@ from rich.table import Table
 from cityflux.analytics.alerts import AlertStore
 from cityflux.cli.common import ConfigOption, app, console, load_or_exit
 from cityflux.config import MqttConfig
-from cityflux.errors import CityfluxError, IngestError
-from cityflux.ingest.mqtt import apply_credentials
+from cityflux.errors import CityfluxError, MqttError
+from cityflux.mqtt.consumer import apply_credentials
 
 alerts_app = typer.Typer(no_args_is_help=True, help="Alerts: list them, acknowledge them.")
 app.add_typer(alerts_app, name="alerts")
@@ -105,29 +105,29 @@ def _fail(message: str) -> NoReturn:
 def publish_ack(mqtt: MqttConfig, alert_id: int, by: str, timeout_s: float = ACK_TIMEOUT_S) -> None:
     """Publish ``{"id", "by"}`` on ``{root}/alerts/ack`` at QoS 1 and wait for the broker's
     PUBACK. TLS for ``mqtts://`` or ``tls.enabled`` before anything is sent, so the password
-    never crosses in clear to a TLS URL. Raises IngestError saying what failed."""
+    never crosses in clear to a TLS URL. Raises MqttError saying what failed."""
     answers: dict[str, ReasonCode] = {}
     done = threading.Event()
     client = _ack_client(mqtt, answers, done)
     try:
         client.connect(mqtt.host, mqtt.port, keepalive=max(5, mqtt.keepalive_s))
     except ssl.SSLCertVerificationError as exc:
-        raise IngestError(
+        raise MqttError(
             f"TLS: the broker's certificate at {mqtt.host}:{mqtt.port} is not trusted "
             f"({exc.verify_message}); set mqtt.tls.ca_file to the CA that signed it"
         ) from exc
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise IngestError(f"cannot connect to {mqtt.host}:{mqtt.port}: {exc}") from exc
+        raise MqttError(f"cannot connect to {mqtt.host}:{mqtt.port}: {exc}") from exc
     client.loop_start()
     try:
         _await(done, answers, "connect", timeout_s)
         topic = f"{mqtt.topic_root}/alerts/ack"
         info = client.publish(topic, msgspec.json.encode({"id": alert_id, "by": by}), qos=1)
         if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise IngestError(f"publish failed: {paho.error_string(info.rc)}")
+            raise MqttError(f"publish failed: {paho.error_string(info.rc)}")
         code = _await(done, answers, "puback", timeout_s)
         if code.is_failure:
-            raise IngestError(f"the broker refused the publish on {topic}: {code}")
+            raise MqttError(f"the broker refused the publish on {topic}: {code}")
     finally:
         client.disconnect()
         client.loop_stop()
@@ -156,17 +156,17 @@ def _ack_client(mqtt: MqttConfig, answers: dict[str, ReasonCode], done: threadin
 def _await(
     done: threading.Event, answers: dict[str, ReasonCode], key: str, timeout_s: float
 ) -> ReasonCode:
-    """The broker's answer ``key``; IngestError on a refusal, a disconnect or silence."""
+    """The broker's answer ``key``; MqttError on a refusal, a disconnect or silence."""
     deadline = time.monotonic() + timeout_s
     # the callbacks fill ``answers`` before setting ``done``: re-checking after each wake-up
     # cannot miss an answer that came between two waits
     while key not in answers and "disconnect" not in answers:
         if not done.wait(max(0.0, deadline - time.monotonic())):
-            raise IngestError(f"no {key} answer from the broker within {timeout_s:g} s")
+            raise MqttError(f"no {key} answer from the broker within {timeout_s:g} s")
         done.clear()
     if key not in answers:
-        raise IngestError(f"the broker closed the connection ({answers['disconnect']})")
+        raise MqttError(f"the broker closed the connection ({answers['disconnect']})")
     code = answers[key]
     if key == "connect" and code.is_failure:
-        raise IngestError(f"the broker refused the connection: {code}")
+        raise MqttError(f"the broker refused the connection: {code}")
     return code

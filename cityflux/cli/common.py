@@ -20,7 +20,7 @@ from cityflux.errors import CityfluxError
 from cityflux.servers import LocalInfluxDB, LocalMosquitto
 
 if TYPE_CHECKING:
-    from cityflux.ingest.pipeline import Pipeline
+    from cityflux.pipeline.pipeline import Pipeline
 
 app = typer.Typer(
     add_completion=False,

@@ -31,7 +31,7 @@ from cityflux.cli.common import (
 from cityflux.cli.simulate import make_simulation, write_outputs
 from cityflux.config import Config
 from cityflux.errors import CityfluxError
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.simulators.runner import RunSummary, parse_speed, run_simulation
 from cityflux.simulators.simulation import Simulation
 from cityflux.store.influx import InfluxWriter

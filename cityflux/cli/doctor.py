@@ -36,8 +36,8 @@ from rich.table import Table
 from cityflux.cli.common import ConfigOption, app, console, load_or_exit
 from cityflux.config import MQTT_PACKET_MARGIN, Config, MqttConfig
 from cityflux.errors import CityfluxError, StoreError
-from cityflux.ingest.broker_stats import DROPPED
-from cityflux.ingest.mqtt import apply_credentials
+from cityflux.mqtt.consumer import apply_credentials
+from cityflux.pipeline.broker_stats import DROPPED
 from cityflux.store.influx import InfluxWriter
 
 Level = Literal["loss", "warning", "ok", "check"]

@@ -28,7 +28,7 @@ from cityflux.cli.common import (
 )
 from cityflux.config import Config
 from cityflux.errors import CityfluxError
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 
 SECRETS = ("password", "token")
 

@@ -15,15 +15,15 @@ import typer
 from rich.table import Table
 
 from cityflux.analytics.alerts import Alert
-from cityflux.analytics.scoring import as_dicts, score
 from cityflux.cli.common import ConfigOption, app, console, local_stack, setup_logging
 from cityflux.cli.extras import require
 from cityflux.cli.simulate import make_simulation
 from cityflux.config import Config
 from cityflux.errors import CityfluxError
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.simulators.runner import RunSummary, run_simulation
 from cityflux.simulators.scenario import list_scenarios
+from cityflux.simulators.scoring import as_dicts, score
 from cityflux.simulators.simulation import Simulation
 from cityflux.store.influx import InfluxWriter
 
@@ -67,7 +67,7 @@ def run_command(
             raise typer.Exit(1) from exc
     _print_scores(figures)
     if report is not None:
-        from cityflux.analytics.report import render  # matplotlib: the [report] extra
+        from cityflux.simulators.report import render  # matplotlib: the [report] extra
 
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(render(figures))

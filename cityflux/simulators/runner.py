@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cityflux.config import MqttConfig
-from cityflux.simulators.publisher import BulkPublisher, DeviceLinks, Message
+from cityflux.mqtt.publisher import BulkPublisher, DeviceLinks, Message
 from cityflux.simulators.recording import ReplayPlan, replay_batches
 from cityflux.simulators.simulation import Simulation
 

@@ -2,7 +2,7 @@
 
 :class:`Simulation` owns the models and yields one :class:`Tick` per model step with the
 messages due in it (topic, payload, retain) and the devices whose connection drops or returns.
-It does no I/O, so the same ticks feed a broker (:mod:`cityflux.simulators.publisher`), a test or
+It does no I/O, so the same ticks feed a broker (:mod:`cityflux.mqtt.publisher`), a test or
 a benchmark. It also keeps :class:`Expected`, the exact count of what cityflux should store and
 reject, and the scenario's ground truth (:class:`GroundTruth`) for scoring the analytics.
 """

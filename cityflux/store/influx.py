@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import random
 import time
 from typing import Any, Protocol
 from urllib.parse import urlencode
@@ -30,6 +29,7 @@ import urllib3
 
 from cityflux.config import InfluxConfig
 from cityflux.errors import StoreError, WriteRejected, WriteRetryable
+from cityflux.supervisor import backoff
 
 _REJECTED = frozenset({400, 413, 422})
 
@@ -142,11 +142,6 @@ class InfluxWriter:
 
     def close(self) -> None:
         self._http.clear()
-
-
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter (AWS architecture blog, 2015)."""
-    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
 def _error_text(data: bytes) -> str:

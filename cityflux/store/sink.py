@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 from cityflux.errors import WriteRejected, WriteRetryable
 from cityflux.observability import Metrics
-from cityflux.store.influx import InfluxWriter, backoff
+from cityflux.store.influx import InfluxWriter
 from cityflux.store.spool import Spool, SpoolRecord
+from cityflux.supervisor import backoff
 
 RejectedLines = list[tuple[str, str]]  # (line, the database's error message)
 

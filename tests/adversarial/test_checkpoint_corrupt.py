@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.store.influx import InfluxWriter
 from tests.support import count_points, mosquitto_pub, running, select, wait_for
 

@@ -21,8 +21,8 @@ import pytest
 
 from cityflux.config import Config
 from cityflux.errors import SpoolError
-from cityflux.ingest.mqtt import MessageBatch
-from cityflux.ingest.pipeline import BatchOutcome, Pipeline
+from cityflux.mqtt.consumer import MessageBatch
+from cityflux.pipeline.pipeline import BatchOutcome, Pipeline
 from cityflux.servers import LocalMosquitto
 from cityflux.store.influx import InfluxWriter
 from cityflux.store.lineprotocol import encode_point

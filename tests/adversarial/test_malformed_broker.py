@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from cityflux.config import Config, MqttConfig
-from cityflux.errors import IngestError
-from cityflux.ingest.mqtt import MqttConsumer
-from cityflux.ingest.mqtt_codec import V5, V311, publish_packet, varint
-from cityflux.ingest.mqtt_oversize import OversizedPayload
+from cityflux.errors import MqttError
+from cityflux.mqtt.codec import V5, V311, publish_packet, varint
+from cityflux.mqtt.consumer import MqttConsumer
+from cityflux.mqtt.oversize import OversizedPayload
+from cityflux.mqtt.publisher import BulkPublisher
 from cityflux.observability import Metrics
 from cityflux.servers import LocalMosquitto
-from cityflux.simulators.publisher import BulkPublisher
 from tests.support import paho_client, publish_all, wait_for
 
 GOOD_TOPIC = "cityflux/v1/d1/pole/p-1"
@@ -326,7 +326,7 @@ def test_server_keep_alive_replaces_ours() -> None:
     assert seen.pingreq_after_s is not None and seen.pingreq_after_s < 2.0
 
 
-# -- the simulator's publisher: hostile or truncated input is a clear IngestError ---------------
+# -- the simulator's publisher: hostile or truncated input is a clear MqttError ---------------
 
 
 def publisher_script(*replies: bytes) -> Script:
@@ -356,7 +356,7 @@ def test_the_publisher_refuses_a_bad_connack(
 ) -> None:
     broker = FakeBroker([publisher_script(*replies)])
     try:
-        with pytest.raises(IngestError, match=error):
+        with pytest.raises(MqttError, match=error):
             BulkPublisher(mqtt_config(broker.url, version), "sim")
     finally:
         broker.close()
@@ -386,7 +386,7 @@ def test_the_publisher_fails_clearly_on_a_bad_puback(version: int, ack: bytes, e
     try:
         publisher.publish([("t", b"x", False)])
         started = time.monotonic()
-        with pytest.raises(IngestError, match=error):
+        with pytest.raises(MqttError, match=error):
             publisher.flush(timeout_s=10)
         assert time.monotonic() - started < 5  # the error ends the wait, not the timeout
     finally:

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from cityflux.config import Config
-from cityflux.ingest.mqtt import MqttConsumer
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.mqtt.consumer import MqttConsumer
 from cityflux.observability import Metrics
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto
 from cityflux.store.influx import InfluxWriter
 from tests.support import Subscriber, publish_all, running, select, wait_for

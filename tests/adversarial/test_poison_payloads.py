@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 from cityflux.config import Config
 from cityflux.ingest.decode import BatchDecoder
-from cityflux.ingest.pipeline import Pipeline
 from cityflux.model.columns import Decoded
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto, LocalVictoriaMetrics
 from cityflux.store.influx import InfluxWriter
 from tests.support import (

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.simulators.citygen import CitySpec, generate_city
 from cityflux.store.influx import InfluxWriter
 from tests.support import Subscriber, count_points, publish_all, running, select, wait_for

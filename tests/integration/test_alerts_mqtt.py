@@ -13,7 +13,7 @@ import msgspec
 
 from cityflux.analytics.alerts import AlertStore
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from tests.support import ROOT, Subscriber, config_env, mosquitto_pub, running, wait_for
 
 MANHOLE = "cityflux/v1/riverside/manhole/mh-0042"  # in examples/city-map.json
@@ -97,7 +97,7 @@ def test_cli_lists_and_acknowledges(config: Config, tmp_path: Path) -> None:
 def test_an_idle_device_link_stays_connected_until_its_outage(broker: object) -> None:
     """A simulated device waiting for its outage sends keepalive pings: its will must fire
     when the outage starts, not when the broker gives up on a silent client."""
-    from cityflux.simulators.publisher import DeviceLinks
+    from cityflux.mqtt.publisher import DeviceLinks
 
     port = broker.port  # type: ignore[attr-defined]
     mqtt = (

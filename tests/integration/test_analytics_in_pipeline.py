@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.store.influx import InfluxWriter
 from tests.support import (
     Subscriber,

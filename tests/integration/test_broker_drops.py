@@ -17,9 +17,9 @@ from paho.mqtt.properties import Properties
 
 from cityflux.analytics.alerts import AlertStore
 from cityflux.config import Config, MqttConfig
-from cityflux.ingest.broker_stats import RULE, BrokerWatcher
-from cityflux.ingest.pipeline import Pipeline
 from cityflux.observability import Metrics
+from cityflux.pipeline.broker_stats import RULE, BrokerWatcher
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto, require_binary
 from cityflux.store.influx import InfluxWriter
 from tests.support import (
@@ -184,7 +184,7 @@ def test_sys_denied_by_the_acl_is_said_once_and_ingest_goes_on(
         pipeline = Pipeline(config)
         assert pipeline.broker_stats is not None
         pipeline.broker_stats.silence_s = 1.0
-        caplog.set_level(logging.WARNING, logger="cityflux.ingest.broker_stats")
+        caplog.set_level(logging.WARNING, logger="cityflux.pipeline.broker_stats")
         with running(pipeline):
             wait_for(lambda: pipeline.health()["broker_stats"] == "denied", what="denied")
             subprocess.run(

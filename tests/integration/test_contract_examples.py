@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
 from cityflux.model.contract import KIND_FIELDS
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto
 from cityflux.store.influx import InfluxWriter
 from tests.support import ROOT, mosquitto_pub, running, select, wait_for

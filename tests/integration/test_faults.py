@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalInfluxDB, LocalMosquitto, free_port
 from cityflux.store.influx import InfluxWriter
 from tests.support import count_points, publish_all, running, start_ingest_process, wait_for

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.store.influx import InfluxWriter
 from tests.integration.shipped_mosquitto import (
     NOT_AUTHORIZED,

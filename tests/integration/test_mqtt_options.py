@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cityflux.config import Config
-from cityflux.errors import IngestError
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.errors import MqttError
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto, require_binary
 from cityflux.store.influx import InfluxWriter
 from tests.support import count_points, publish_all, running, wait_for
@@ -60,7 +60,7 @@ def test_username_and_password(secured_broker: LocalMosquitto, config: Config) -
         wrong = Pipeline(
             base.with_overrides({"mqtt.username": "cityflux", "mqtt.password": "wrong"})
         )
-        with pytest.raises(IngestError, match="no CONNACK"):
+        with pytest.raises(MqttError, match="no CONNACK"):
             wrong.start(wait_connected_s=3)
         wrong.close()
         right = Pipeline(

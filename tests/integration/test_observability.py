@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto, free_port
 from cityflux.store.influx import InfluxWriter
 from tests.support import (

@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalInfluxDB, LocalMosquitto
 from cityflux.simulators.recording import (
     Header,

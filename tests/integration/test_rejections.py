@@ -8,8 +8,8 @@ import time
 import pytest
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
 from cityflux.model.contract import Reason
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto
 from cityflux.store.influx import InfluxWriter
 from tests.support import Subscriber, publish_all, running, select, wait_for

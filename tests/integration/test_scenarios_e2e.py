@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.simulators.runner import run_simulation
 from cityflux.simulators.scenario import list_scenarios, load_scenario
 from cityflux.simulators.simulation import Simulation

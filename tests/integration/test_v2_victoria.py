@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto, LocalVictoriaMetrics
 from tests.support import export, publish_all, running, v2_overrides, wait_for
 

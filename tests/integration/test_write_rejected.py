@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from cityflux.config import Config
-from cityflux.ingest.pipeline import Pipeline
+from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalMosquitto
 from cityflux.store.influx import InfluxWriter
 from tests.support import Subscriber, count_points, publish_all, running, select, wait_for

@@ -21,7 +21,7 @@ def test_public_names_are_the_intended_ones() -> None:
             "CityfluxError",
             "Config",
             "ConfigError",
-            "IngestError",
+            "MqttError",
             "Pipeline",
             "ServerError",
             "SpoolError",

@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 
 from cityflux.config import MQTT_PACKET_MARGIN, Config
-from cityflux.errors import ConfigError, IngestError, MqttProtocolError
+from cityflux.errors import ConfigError, MqttError, MqttProtocolError
 from cityflux.ingest.deadletter import DeadLetterFactory
 from cityflux.ingest.decode import BatchDecoder
-from cityflux.ingest.mqtt_codec import (
+from cityflux.model.contract import Reason
+from cityflux.mqtt.codec import (
     V5,
     V311,
     ConnectOptions,
@@ -17,8 +18,7 @@ from cityflux.ingest.mqtt_codec import (
     subscribe_packet,
     varint,
 )
-from cityflux.ingest.mqtt_oversize import OVERSIZE_KEEP, OversizedPayload
-from cityflux.model.contract import Reason
+from cityflux.mqtt.oversize import OVERSIZE_KEEP, OversizedPayload
 
 
 def publish(topic: bytes, payload: bytes, packet_id: int | None, v5: bool = False) -> bytes:
@@ -66,7 +66,7 @@ def test_every_split_of_the_stream_parses_the_same(version: int) -> None:
 def test_a_malformed_length_is_an_error() -> None:
     with pytest.raises(MqttProtocolError, match="remaining length"):
         PacketReader(V311).feed(b"\x30\xff\xff\xff\xff\x01")
-    assert issubclass(MqttProtocolError, IngestError)  # the connection loop reconnects on it
+    assert issubclass(MqttProtocolError, MqttError)  # the connection loop reconnects on it
 
 
 def test_a_large_packet_in_small_pieces_is_copied_once() -> None:

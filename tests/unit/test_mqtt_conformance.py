@@ -1,7 +1,7 @@
 """A conformance table: packets a broker may send us (MQTT 3.1.1 and 5.0), valid and invalid.
 
 Each valid row says what the reader must return; each invalid row which rule it breaks. The
-invalid ones must raise MqttProtocolError (an IngestError: the consumer reconnects), never an
+invalid ones must raise MqttProtocolError (an MqttError: the consumer reconnects), never an
 IndexError or anything else.
 """
 
@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from cityflux.errors import IngestError, MqttProtocolError
-from cityflux.ingest.mqtt_codec import (
+from cityflux.errors import MqttError, MqttProtocolError
+from cityflux.mqtt.codec import (
     CONNACK,
     V5,
     V311,
@@ -20,13 +20,13 @@ from cityflux.ingest.mqtt_codec import (
     PacketReader,
     varint,
 )
-from cityflux.ingest.mqtt_control import (
+from cityflux.mqtt.control import (
     accepted_connack,
     disconnect_reason,
     parse_connack,
     suback_codes,
 )
-from cityflux.ingest.mqtt_oversize import OversizedPayload
+from cityflux.mqtt.oversize import OversizedPayload
 
 
 def packet(first: int, body: bytes) -> bytes:
@@ -253,7 +253,7 @@ def test_v5_connack_properties_are_read() -> None:
     ],
 )
 def test_refusals_name_the_code(control: Control, version: int, message: str) -> None:
-    with pytest.raises(IngestError, match=re.escape(message)) as caught:
+    with pytest.raises(MqttError, match=re.escape(message)) as caught:
         accepted_connack(control, version)
     assert not isinstance(caught.value, MqttProtocolError)  # a refusal, not a broken packet
 

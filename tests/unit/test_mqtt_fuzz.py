@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cityflux.errors import MqttProtocolError
-from cityflux.ingest.mqtt_codec import (
+from cityflux.mqtt.codec import (
     V5,
     V311,
     Control,
@@ -24,13 +24,13 @@ from cityflux.ingest.mqtt_codec import (
     publish_packet,
     varint,
 )
-from cityflux.ingest.mqtt_control import (
+from cityflux.mqtt.control import (
     disconnect_reason,
     parse_connack,
     puback_reason,
     suback_codes,
 )
-from cityflux.ingest.mqtt_oversize import OversizedPayload
+from cityflux.mqtt.oversize import OversizedPayload
 
 FUZZ = settings(
     max_examples=300,

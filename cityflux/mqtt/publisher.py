@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from typing import Final
 
 from cityflux.config import MqttConfig
-from cityflux.errors import IngestError, MqttProtocolError
-from cityflux.ingest.mqtt import open_socket
-from cityflux.ingest.mqtt_codec import (
+from cityflux.errors import MqttError, MqttProtocolError
+from cityflux.model.contract import OFFLINE
+from cityflux.mqtt.codec import (
     CONNACK,
     DISCONNECT,
     DISCONNECT_PACKET,
@@ -38,8 +38,8 @@ from cityflux.ingest.mqtt_codec import (
     connect_packet,
     publish_packet,
 )
-from cityflux.ingest.mqtt_control import accepted_connack, disconnect_reason, puback_reason
-from cityflux.model.contract import OFFLINE
+from cityflux.mqtt.consumer import open_socket
+from cityflux.mqtt.control import accepted_connack, disconnect_reason, puback_reason
 
 Message = tuple[str, bytes, bool]  # topic, payload, retain
 MAX_PACKET_ID: Final = 65_535
@@ -94,7 +94,7 @@ class BulkPublisher:
             while True:
                 data = sock.recv(4096)
                 if not data:
-                    raise IngestError(f"{self.config.url} closed the connection before CONNACK")
+                    raise MqttError(f"{self.config.url} closed the connection before CONNACK")
                 parsed = reader.feed(data)
                 if parsed.topics or parsed.controls:
                     break
@@ -102,9 +102,9 @@ class BulkPublisher:
             if first is None or first.type != CONNACK:  # MQTT-3.2.0-1
                 raise MqttProtocolError(f"{self.config.url} sent another packet before CONNACK")
             accepted_connack(first, self.version)
-        except (IngestError, OSError) as exc:  # refused, malformed, reset or timed out
+        except (MqttError, OSError) as exc:  # refused, malformed, reset or timed out
             sock.close()
-            raise IngestError(f"{self.client_id} to {self.config.url}: {exc}") from exc
+            raise MqttError(f"{self.client_id} to {self.config.url}: {exc}") from exc
         self._pending_reader = reader
         sock.settimeout(None)  # sends block until done; the reader polls with select
         return sock
@@ -164,13 +164,13 @@ class BulkPublisher:
             while self.inflight > 0:
                 self._raise_if_failed()
                 if time.monotonic() > deadline:
-                    raise IngestError(f"{self.inflight} messages unacknowledged after {timeout_s}s")
+                    raise MqttError(f"{self.inflight} messages unacknowledged after {timeout_s}s")
                 self._cond.wait(0.2)
                 self._ping_if_idle()
 
     def _raise_if_failed(self) -> None:
         if self._error:
-            raise IngestError(self._error)
+            raise MqttError(self._error)
 
     def _read_acks(self) -> None:
         reader = self._pending_reader
@@ -190,7 +190,7 @@ class BulkPublisher:
                 try:
                     self._count_acks(reader.feed(data).controls)
                     continue
-                except IngestError as exc:  # malformed, or the broker's DISCONNECT
+                except MqttError as exc:  # malformed, or the broker's DISCONNECT
                     error = f"{self.config.url}: {exc}"
             with self._cond:
                 self._error = self._error or error
@@ -205,7 +205,7 @@ class BulkPublisher:
                 if puback_reason(control, self.version) >= 0x80:
                     refused += 1
             elif control.type == DISCONNECT:
-                raise IngestError(f"disconnected: {disconnect_reason(control, self.version)}")
+                raise MqttError(f"disconnected: {disconnect_reason(control, self.version)}")
             elif control.type == CONNACK:
                 raise MqttProtocolError("a second CONNACK on one connection")
         if acks:

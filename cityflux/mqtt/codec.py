@@ -7,11 +7,11 @@ all of cityflux's decoding and validation together. Here one ``recv`` of up to 2
 in one tight loop into three lists, and a batch's PUBACKs go out in one ``sendall``.
 
 The broker is not trusted to be correct: every length is checked against the end of its packet,
-and anything malformed or forbidden raises :class:`MqttProtocolError` (an ``IngestError``), on
+and anything malformed or forbidden raises :class:`MqttProtocolError` (an ``MqttError``), on
 which the consumer drops the connection and reconnects; nothing else escapes :meth:`feed`.
 
 A PUBLISH over ``mqtt.max_packet_size`` is read through, never buffered whole, into a message
-the decoder dead-letters as ``too_large`` (:mod:`cityflux.ingest.mqtt_oversize` says why); any
+the decoder dead-letters as ``too_large`` (:mod:`cityflux.mqtt.oversize` says why); any
 other packet over the limit is an error.
 
 Specifications: MQTT 3.1.1 (OASIS, 2014) sections 2-3; MQTT 5.0 (OASIS, 2019) sections 2-3.
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from cityflux.errors import MqttProtocolError
-from cityflux.ingest.mqtt_oversize import OVERSIZE_KEEP, ReadThrough, publish_qos
+from cityflux.mqtt.oversize import OVERSIZE_KEEP, ReadThrough, publish_qos
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK = 8, 9, 10, 11

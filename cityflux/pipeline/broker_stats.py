@@ -29,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cityflux.analytics.alerts import Alert, AlertStore
 from cityflux.config import MqttConfig
-from cityflux.ingest.mqtt import apply_credentials, paho_network_loop
+from cityflux.mqtt.consumer import apply_credentials, paho_network_loop
 from cityflux.observability import Metrics
 from cityflux.supervisor import Spawn
 

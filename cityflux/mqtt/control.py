@@ -2,9 +2,9 @@
 Server Keep Alive, Receive Maximum, Maximum Packet Size), SUBACK, PUBACK and DISCONNECT reason
 codes, each named as in the specification.
 
-Like :mod:`cityflux.ingest.mqtt_codec`, every length is checked against the packet's end and
+Like :mod:`cityflux.mqtt.codec`, every length is checked against the packet's end and
 anything malformed raises :class:`MqttProtocolError`; a refusal (a CONNACK code) is an
-``IngestError`` naming the code.
+``MqttError`` naming the code.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from cityflux.errors import IngestError, MqttProtocolError
-from cityflux.ingest.mqtt_codec import (
+from cityflux.errors import MqttError, MqttProtocolError
+from cityflux.mqtt.codec import (
     CONNACK,
     PACKET_NAMES,
     SUBACK,
@@ -201,11 +201,11 @@ def parse_connack(control: Control, version: int) -> Connack:
 
 
 def accepted_connack(control: Control, version: int) -> Connack:
-    """The CONNACK if it accepts the connection; ``IngestError`` naming the code if not."""
+    """The CONNACK if it accepts the connection; ``MqttError`` naming the code if not."""
     connack = parse_connack(control, version)
     if connack.code:
         reason = f" ({connack.reason_string})" if connack.reason_string else ""
-        raise IngestError(
+        raise MqttError(
             f"broker refused the connection: {reason_name(connack.code, version)}{reason}"
         )
     return connack

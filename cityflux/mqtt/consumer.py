@@ -1,6 +1,6 @@
 """The MQTT side: a lean QoS 1 consumer with a persistent session, and a paho publisher.
 
-Receiving is the hot path, so it uses :mod:`cityflux.ingest.mqtt_codec` on a plain socket: one
+Receiving is the hot path, so it uses :mod:`cityflux.mqtt.codec` on a plain socket: one
 thread reads large chunks, parses every packet in them, and appends them to the current batch
 under one lock acquisition per chunk. The pipeline thread takes the batch and, once it is
 durable, acknowledges it with one ``sendall`` of all its PUBACKs.
@@ -30,8 +30,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cityflux.config import MqttConfig
-from cityflux.errors import IngestError, MqttProtocolError
-from cityflux.ingest.mqtt_codec import (
+from cityflux.errors import MqttError, MqttProtocolError
+from cityflux.model.contract import OFFLINE, ONLINE
+from cityflux.mqtt.codec import (
     AUTH,
     CONNACK,
     DISCONNECT,
@@ -48,12 +49,10 @@ from cityflux.ingest.mqtt_codec import (
     puback_packets,
     subscribe_packet,
 )
-from cityflux.ingest.mqtt_control import Connack, accepted_connack, disconnect_reason, suback_codes
-from cityflux.ingest.mqtt_oversize import OversizedPayload
-from cityflux.model.contract import OFFLINE, ONLINE
+from cityflux.mqtt.control import Connack, accepted_connack, disconnect_reason, suback_codes
+from cityflux.mqtt.oversize import OversizedPayload
 from cityflux.observability import Metrics
-from cityflux.store.influx import backoff
-from cityflux.supervisor import Component, Supervisor
+from cityflux.supervisor import Component, Supervisor, backoff
 
 log = logging.getLogger(__name__)
 RECV_BYTES = 256 * 1024
@@ -119,7 +118,7 @@ class MqttConsumer:
         self.supervisor.spawn("mqtt-publisher", paho_network_loop(self.publisher))
         self.supervisor.spawn("mqtt-reader", self._connection_loop)
         if wait_s and not self.connected.wait(wait_s):
-            raise IngestError(f"no CONNACK from {self.config.url} within {wait_s:.0f}s")
+            raise MqttError(f"no CONNACK from {self.config.url} within {wait_s:.0f}s")
 
     def stop(self) -> None:
         if self._owns_supervisor:
@@ -148,7 +147,7 @@ class MqttConsumer:
                 reader = self._connect()
                 attempt = 0
                 self._serve(reader)
-            except (OSError, IngestError) as exc:
+            except (OSError, MqttError) as exc:
                 if isinstance(exc, MqttProtocolError):  # a malformed packet: reconnect, counted
                     self.metrics.mqtt_protocol_errors.inc()
                 if not self._stopping.is_set():
@@ -170,7 +169,7 @@ class MqttConsumer:
         suback = self._await_control(sock, reader, SUBACK)
         codes = suback_codes(suback, self.version, packet_id=1)
         if codes[0] >= 0x80:
-            raise IngestError(f"broker refused the subscription {self.subscription}: {codes}")
+            raise MqttError(f"broker refused the subscription {self.subscription}: {codes}")
         log.info(
             "connected to %s as %s (session present: %s, keep alive %ss, receive maximum %s, "
             "maximum packet size %s)",
@@ -190,7 +189,7 @@ class MqttConsumer:
         while True:
             data = sock.recv(RECV_BYTES)
             if not data:
-                raise IngestError("broker closed the connection")
+                raise MqttError("broker closed the connection")
             parsed = reader.feed(data)
             self._append(parsed.topics, parsed.payloads, parsed.packet_ids)
             for control in parsed.controls:
@@ -203,7 +202,7 @@ class MqttConsumer:
     def _check_control(self, control: Control) -> None:
         """Raise for a control packet that ends the connection; others need no answer."""
         if control.type == DISCONNECT:  # MQTT 5: the broker says why it closes
-            raise IngestError(f"broker disconnected us: {disconnect_reason(control, self.version)}")
+            raise MqttError(f"broker disconnected us: {disconnect_reason(control, self.version)}")
         if control.type == CONNACK:
             raise MqttProtocolError("a second CONNACK on one connection")
         if control.type == AUTH:
@@ -228,7 +227,7 @@ class MqttConsumer:
                 data = None
             now = time.monotonic()
             if data == b"":
-                raise IngestError("broker closed the connection")
+                raise MqttError("broker closed the connection")
             if data:
                 last_received = now
                 oversized = reader.oversized
@@ -240,7 +239,7 @@ class MqttConsumer:
                 for control in parsed.controls:
                     self._check_control(control)
             elif now - last_received > keepalive * 1.5:
-                raise IngestError(f"nothing from the broker for {keepalive * 1.5:.0f}s")
+                raise MqttError(f"nothing from the broker for {keepalive * 1.5:.0f}s")
             if now - self._last_sent >= keepalive / 2:
                 self._send(PINGREQ_PACKET)
 
@@ -376,16 +375,16 @@ def apply_credentials(client: paho.Client, config: MqttConfig) -> None:
     """The configured username/password and TLS on a paho client (publisher, broker watcher,
     doctor, `alerts ack`). TLS is set up before anything is sent, so a password never goes
     in clear to an ``mqtts://`` URL; a missing or unreadable CA, certificate or key is one
-    IngestError naming the setting."""
+    MqttError naming the setting."""
     if config.tls.enabled or config.url.startswith("mqtts://"):
         tls = config.tls
         for key, path in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file)):
             if path and not Path(path).is_file():
-                raise IngestError(f"mqtt.tls.{key} {path} is not a readable file")
+                raise MqttError(f"mqtt.tls.{key} {path} is not a readable file")
         try:
             client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
         except (OSError, ValueError) as exc:
-            raise IngestError(f"TLS settings (mqtt.tls): {exc}") from exc
+            raise MqttError(f"TLS settings (mqtt.tls): {exc}") from exc
         client.tls_insecure_set(tls.insecure)
     if config.username:
         client.username_pw_set(config.username, config.password)

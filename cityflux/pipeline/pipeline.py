@@ -19,17 +19,17 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from cityflux.analytics.engine import alert_line
-from cityflux.analytics.link import AnalyticsLink
 from cityflux.config import Config
 from cityflux.errors import SpoolError, SpoolFull, StoreError
 from cityflux.ingest.boundary import stage
-from cityflux.ingest.broker_stats import BrokerWatcher
 from cityflux.ingest.deadletter import DeadLetterFactory
 from cityflux.ingest.decode import BatchDecoder
-from cityflux.ingest.mqtt import MessageBatch, MqttConsumer
 from cityflux.model.columns import Columns, Rejection
 from cityflux.model.contract import Reason
+from cityflux.mqtt.consumer import MessageBatch, MqttConsumer
 from cityflux.observability import Metrics, MetricsServer
+from cityflux.pipeline.analytics_link import AnalyticsLink
+from cityflux.pipeline.broker_stats import BrokerWatcher
 from cityflux.store.influx import InfluxWriter
 from cityflux.store.lineprotocol import BatchEncoder, encode_point
 from cityflux.store.schema import PIPELINE_MEASUREMENT

@@ -2,7 +2,7 @@
 
 A broker with a larger limit than ours (any broker under MQTT 3.1.1, which has no way to tell it
 ours) sends such a packet, and redelivers it after every reconnect: refusing it would stall
-ingest for good. :class:`cityflux.ingest.mqtt_codec.PacketReader` instead keeps its first bytes
+ingest for good. :class:`cityflux.mqtt.codec.PacketReader` instead keeps its first bytes
 (header, topic, packet id, MQTT 5 properties and the start of the payload: at most
 ``OVERSIZE_KEEP``, never more than the limit), discards the rest as it arrives, and returns the
 message with an :class:`OversizedPayload`. The decoder dead-letters it as ``too_large`` with its

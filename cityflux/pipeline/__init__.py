@@ -1,0 +1,1 @@
+"""cityflux.pipeline: wires source -> ingest -> analytics -> store; owns threads and supervision."""
