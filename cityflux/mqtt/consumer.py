@@ -23,7 +23,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -32,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from cityflux.config import MqttConfig
 from cityflux.errors import MqttError, MqttProtocolError
 from cityflux.model.contract import OFFLINE, ONLINE
+from cityflux.model.messages import MessageBatch
 from cityflux.mqtt.codec import (
     AUTH,
     CONNACK,
@@ -61,20 +61,6 @@ V311_WARNING = (
     "mosquitto's defaults (max_inflight_messages 20, max_queued_messages 1000) drop a burst; "
     "size them as in deploy/mosquitto/mosquitto.conf (docs/deploy.md), or use protocol 5"
 )
-
-
-@dataclass(slots=True)
-class MessageBatch:
-    """Messages taken together; ``generation`` names the connection they arrived on."""
-
-    topics: list[str] = field(default_factory=list)
-    payloads: list[bytes] = field(default_factory=list)
-    mids: list[int] = field(default_factory=list)  # 0: QoS 0, nothing to acknowledge
-    generation: int = 0
-    first_received: float = 0.0  # time.monotonic() of the first message
-
-    def __len__(self) -> int:
-        return len(self.mids)
 
 
 class MqttConsumer:
@@ -248,11 +234,11 @@ class MqttConsumer:
             return
         with self._cond:
             batch = self._batch
-            if not batch.mids:
+            if not batch.receipts:
                 batch.first_received = time.monotonic()
             batch.topics += topics
             batch.payloads += payloads
-            batch.mids += ids
+            batch.receipts += ids
             self._cond.notify()
 
     def _on_disconnect(self) -> None:
@@ -330,7 +316,7 @@ class MqttConsumer:
 
     def ack(self, batch: MessageBatch) -> bool:
         """Acknowledge a durable batch; False if the connection it came on is gone."""
-        acks = puback_packets([mid for mid in batch.mids if mid])
+        acks = puback_packets([mid for mid in batch.receipts if mid])
         with self._send_lock:  # no reconnect can slip between the check and the send
             with self._cond:
                 if batch.generation != self._generation:
@@ -340,9 +326,24 @@ class MqttConsumer:
         self.metrics.acked.inc(len(batch))
         return True
 
+    def is_connected(self) -> bool:
+        return self.connected.is_set()
+
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> paho.MQTTMessageInfo:
         """QoS 1 through paho: queued while disconnected and sent on reconnect."""
         return self.publisher.publish(topic, payload, qos=1, retain=retain)
+
+    def publish_confirmed(self, messages: list[tuple[str, bytes]], timeout_s: float) -> int:
+        """Publish and wait up to ``timeout_s`` for the broker to have them; how many it
+        confirmed. The rest stay queued in paho and are sent on reconnect."""
+        infos = [self.publish(topic, payload) for topic, payload in messages]
+        deadline = time.monotonic() + timeout_s
+        for info in infos:
+            if info.rc == paho.MQTT_ERR_NO_CONN:
+                continue  # queued while disconnected: waiting would raise, not help
+            with contextlib.suppress(RuntimeError, ValueError):  # a disconnect meanwhile
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        return sum(1 for info in infos if _confirmed(info))
 
 
 def open_socket(config: MqttConfig, timeout_s: float = 10.0) -> socket.socket:
@@ -427,15 +428,23 @@ def _split(batch: MessageBatch, size: int) -> tuple[MessageBatch, MessageBatch]:
     head = MessageBatch(
         batch.topics[:size],
         batch.payloads[:size],
-        batch.mids[:size],
+        batch.receipts[:size],
         batch.generation,
         batch.first_received,
     )
     tail = MessageBatch(
         batch.topics[size:],
         batch.payloads[size:],
-        batch.mids[size:],
+        batch.receipts[size:],
         batch.generation,
         time.monotonic(),
     )
     return head, tail
+
+
+def _confirmed(info: paho.MQTTMessageInfo) -> bool:
+    """The broker has the message; paho raises instead of saying no for one it only queued."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False

@@ -1,7 +1,13 @@
-"""The ingest loop: MQTT batch -> decode -> validate -> line protocol -> durable sink -> ack.
+"""The pipeline: one per worker process, wiring source -> ingest -> analytics -> store.
 
-One :class:`Pipeline` per worker process. A batch is acknowledged only after the sink made it
-durable (database or fsynced spool) and the broker confirmed its dead letters.
+    Source.take() -> Transform (decode, validate, encode, analytics, dead letters; no I/O)
+                  -> hand-over queue (one batch) -> commit threads
+                  -> Committer (sink write: database or fsynced spool; dead letters) -> ack
+
+It owns every thread, under one :class:`Supervisor`, and the lifecycle every caller uses:
+``with Pipeline(config) as p:`` starts it and runs the loop on a thread of its own; leaving the
+block stops it, commits what is in hand, and closes everything. A batch is acknowledged only
+after the sink made it durable and the broker confirmed its dead letters.
 """
 
 from __future__ import annotations
@@ -12,54 +18,46 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-
+from cityflux.analytics.alerts import Alert
 from cityflux.analytics.engine import alert_line
 from cityflux.config import Config
-from cityflux.errors import SpoolError, SpoolFull, StoreError
-from cityflux.ingest.boundary import stage
+from cityflux.errors import StoreError
 from cityflux.ingest.deadletter import DeadLetterFactory
-from cityflux.ingest.decode import BatchDecoder
-from cityflux.model.columns import Columns, Rejection
-from cityflux.model.contract import Reason
-from cityflux.mqtt.consumer import MessageBatch, MqttConsumer
+from cityflux.model.messages import MessageBatch
+from cityflux.mqtt.consumer import MqttConsumer
 from cityflux.observability import Metrics, MetricsServer
 from cityflux.pipeline.analytics_link import AnalyticsLink
 from cityflux.pipeline.broker_stats import BrokerWatcher
+from cityflux.pipeline.commit import Committer
+from cityflux.pipeline.seams import Source
+from cityflux.pipeline.transform import BatchOutcome, Transform
 from cityflux.store.influx import InfluxWriter
-from cityflux.store.lineprotocol import BatchEncoder, encode_point
+from cityflux.store.lineprotocol import encode_point
 from cityflux.store.schema import PIPELINE_MEASUREMENT
-from cityflux.store.sink import DurableSink, RejectedLines
+from cityflux.store.sink import DurableSink
 from cityflux.store.spool import Spool
 from cityflux.supervisor import Component, Policy, Supervisor
 
 log = logging.getLogger(__name__)
-DERIVED_SLICE = 10_000  # lines per write of analytics results
-DERIVED_PAUSE_S = 0.01
-SPOOL_FULL_PAUSE_S = 0.5
-DEADLETTER_CONFIRM_S = 5.0
-
-
-@dataclass(slots=True)
-class BatchOutcome:
-    lines: list[str] = field(default_factory=list)
-    letters: list[tuple[str, bytes]] = field(default_factory=list)  # (topic, payload)
-    accepted: dict[str, int] = field(default_factory=dict)
-
 
 Work = tuple[MessageBatch, BatchOutcome]
 
 
 class Pipeline:
     def __init__(
-        self, config: Config, worker: int = 0, workers: int = 1, connect_timeout_s: float = 0.0
+        self,
+        config: Config,
+        worker: int = 0,
+        workers: int = 1,
+        connect_timeout_s: float = 0.0,
+        source: Source | None = None,
     ) -> None:
         """``connect_timeout_s``: how long ``with Pipeline(...)`` waits for the broker's
-        CONNACK before raising (0: connect in the background, retrying forever)."""
+        CONNACK before raising (0: connect in the background, retrying forever). ``source``:
+        where messages come from (default: the MQTT consumer of ``config.mqtt``)."""
         self.config = config
         self.connect_timeout_s = connect_timeout_s
         self.runner: threading.Thread | None = None  # run(), when used as a context manager
@@ -77,16 +75,17 @@ class Pipeline:
             on_restart=lambda name: self.metrics.component_restarts.labels(name).inc(),
             on_fatal=self._give_up,
         )
-        self.consumer = MqttConsumer(config.mqtt, self.metrics, worker, workers, self.supervisor)
-        self.decoder = BatchDecoder(config.ingest, config.mqtt.topic_root)
-        self.encoder = BatchEncoder()
-        self.letters = DeadLetterFactory(
-            config.mqtt.topic_root, config.ingest.deadletter_prefix_bytes
+        self.source: Source = source or MqttConsumer(
+            config.mqtt, self.metrics, worker, workers, self.supervisor
         )
+        letters = DeadLetterFactory(config.mqtt.topic_root, config.ingest.deadletter_prefix_bytes)
         spool_dir = Path(config.spool.dir) / (f"worker-{worker}" if workers > 1 else "")
         self.spool = Spool(spool_dir, config.spool.max_bytes)
         self.writer = InfluxWriter(config.influx)
-        self.sink = DurableSink(self.writer, self.spool, self.metrics, self._dead_letter_lines)
+        self.sink = DurableSink(self.writer, self.spool, self.metrics)
+        self.stopping = threading.Event()
+        self.committer = Committer(self.source, self.sink, letters, self.metrics, self.stopping)
+        self.sink.on_rejected = self.committer.dead_letter_lines
         self.metrics_port = config.metrics.port + worker if config.metrics.port else 0
         self.server: MetricsServer | None = None
         # A shared subscription deals messages round-robin, so with several workers no process
@@ -98,7 +97,9 @@ class Pipeline:
                 "analytics are off with --workers %d: run them in a single-worker cityflux", workers
             )
         self.analytics = (
-            AnalyticsLink(config, self.consumer, self._write_derived, self.supervisor.start_thread)
+            AnalyticsLink(
+                config, self.source, self.committer.write_derived, self.supervisor.start_thread
+            )
             if analytics
             else None
         )
@@ -111,12 +112,12 @@ class Pipeline:
                 config.mqtt,
                 self.metrics,
                 config.analytics.alerts_db,
-                on_alert=lambda alert: self._write_derived([alert_line(alert)]),
+                on_alert=self._write_alert,
             )
             if config.mqtt.broker_stats and worker == 0
             else None
         )
-        self.stopping = threading.Event()
+        self.transform = Transform(config, self.metrics, letters, self.analytics)
         self._next_health = 0.0
         self._handover: queue.Queue[Work | None] = queue.Queue(1)
         # work of a commit thread that failed, taken first by its restarted successor: the
@@ -124,9 +125,8 @@ class Pipeline:
         # batch would stall its messages until then
         self._retry: queue.SimpleQueue[Work] = queue.SimpleQueue()
         self._committing: set[str] = set()  # commit threads in the middle of a commit
-        self.store_problem: str | None = None  # why durable writes are failing right now
         self.starting: str | None = "not started"  # what start() is waiting for
-        self._ingest = self.supervisor.watch("ingest", self.consumer.has_pending)
+        self._ingest = self.supervisor.watch("ingest", self.source.has_pending)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, wait_connected_s: float = 0.0) -> None:
@@ -151,7 +151,7 @@ class Pipeline:
         )
         if self.broker_stats is not None:
             self.broker_stats.start(self.supervisor.start_thread)
-        self.consumer.start(wait_connected_s)
+        self.source.start(wait_connected_s)
 
     def _prepare_database(self) -> None:
         try:
@@ -175,7 +175,7 @@ class Pipeline:
         try:
             while not self.stopping.is_set():
                 self._ingest.beat()
-                batch = self.consumer.take(ingest.batch_size, ingest.flush_interval_s)
+                batch = self.source.take(ingest.batch_size, ingest.flush_interval_s)
                 if len(batch):
                     self._hand_over((batch, self.transform(batch, time.time_ns())))
                 elif self.analytics is not None:  # idle: close windows, checkpoint
@@ -224,7 +224,7 @@ class Pipeline:
             component.beat()
             self._committing.add(component.name)
             try:
-                self.commit(*work)
+                self.committer.commit(*work)
             except Exception as exc:
                 self.metrics.commit_errors.labels(type(exc).__name__).inc()
                 self._retry.put(work)
@@ -308,15 +308,14 @@ class Pipeline:
         is raised at the end."""
         self.supervisor.stop()
         with contextlib.ExitStack() as steps:  # callbacks run last-in first-out
-            steps.callback(self.spool.close)
-            steps.callback(self.sink.close)
+            steps.callback(self.sink.close)  # then the spool
             steps.callback(self._join_threads)
             if self.server is not None:
                 steps.callback(self.server.stop)
             steps.callback(self.sink.stop)
             if self.broker_stats is not None:
                 steps.callback(self.broker_stats.stop)
-            steps.callback(self.consumer.stop)
+            steps.callback(self.source.stop)
             if self.analytics is not None:
                 steps.callback(self.analytics.close)
 
@@ -327,150 +326,12 @@ class Pipeline:
 
     # -- one batch ------------------------------------------------------------------------
     def commit(self, batch: MessageBatch, outcome: BatchOutcome) -> bool:
-        """Store durably, dead-letter, acknowledge. False if not acknowledged."""
-        result = self._write_durably(outcome.lines)
-        if result is None:
-            return False  # stopping while the spool was full: the broker keeps the batch
-        self._publish_letters(outcome.letters)
-        if result.rejected:
-            self._dead_letter_lines(result.rejected)
-        for kind, count in outcome.accepted.items():
-            self.metrics.accepted.labels(kind).inc(count)
-        if not len(batch):
-            return True
-        acked = self.consumer.ack(batch)
-        self.metrics.batch_messages.observe(len(batch))
-        self.metrics.ack_lag_seconds.observe(time.monotonic() - batch.first_received)
-        return acked
+        """Store durably, dead-letter, acknowledge (:class:`Committer`). False if not
+        acknowledged."""
+        return self.committer.commit(batch, outcome)
 
-    def transform(self, batch: MessageBatch, now_ns: int) -> BatchOutcome:
-        """Everything between the broker and the database, with no I/O. Decode, validate and
-        encode run under the error boundary per message (cityflux/ingest/boundary.py): a
-        payload that makes them raise is dead-lettered as internal_error, the rest stored."""
-        staged = stage(
-            self.decoder, self.encoder, self.config.ingest, batch.topics, batch.payloads, now_ns
-        )
-        self.metrics.ignored.inc(staged.ignored)
-        outcome = BatchOutcome(lines=staged.lines)
-        rejections = staged.rejections
-        newest = 0
-        accepted = staged.columns
-        for kind, good in accepted.items():
-            outcome.accepted[kind] = good.readings()
-            if len(good):
-                newest = max(newest, int(good.ts_ns.max()))
-        if self.analytics is not None:
-            outcome.lines += self._analyse(batch, accepted, rejections, staged.ignored)
-        if newest:
-            self.metrics.event_lag_seconds.set((now_ns - newest) / 1e9)
-        # dead letters in the order their messages arrived
-        rejections.sort(key=lambda r: (r.index, -1 if r.reading is None else r.reading))
-        for offset, rejection in enumerate(rejections):
-            self._reject(batch, rejection, now_ns, offset, outcome)
-        return outcome
-
-    def _analyse(
-        self,
-        batch: MessageBatch,
-        accepted: dict[str, Columns],
-        rejections: list[Rejection],
-        ignored: int,
-    ) -> list[str]:
-        """Analytics on the validated batch. A failure there is logged and counted, never
-        allowed to stop ingest: the readings are stored whatever the analytics make of them."""
-        assert self.analytics is not None
-        try:
-            lines = self.analytics.acknowledgements(batch.topics, batch.payloads) if ignored else []
-            derived, late = self.analytics.process(accepted)
-        except Exception:
-            log.exception("analytics failed on a batch of %d messages", len(batch))
-            self.metrics.analytics_errors.inc()
-            return []
-        rejections += late
-        return lines + derived
-
-    def _reject(
-        self,
-        batch: MessageBatch,
-        rejection: Rejection,
-        now_ns: int,
-        offset: int,
-        outcome: BatchOutcome,
-    ) -> None:
-        self.metrics.rejected.labels(rejection.reason.value).inc()
-        letter = self.letters.letter(
-            rejection, batch.topics[rejection.index], batch.payloads[rejection.index], now_ns
-        )
-        outcome.letters.append((self.letters.topic(rejection.reason), self.letters.encode(letter)))
-        # distinct timestamps: points with equal series and time would overwrite each other
-        outcome.lines.append(self.letters.line(letter, now_ns + offset))
-
-    def _write_durably(self, lines: list[str]) -> Any:
-        """Database or spool, retried while neither can take the lines (spool full, disk
-        full, an unwritable spool): acknowledgements wait, the broker keeps the messages, and
-        /healthz says why. None if stopping meanwhile."""
-        while True:
-            try:
-                result = self.sink.write(lines)
-            except SpoolError as exc:
-                full = isinstance(exc, SpoolFull)
-                self.metrics.spool_full.set(1 if full else 0)
-                if self.store_problem != str(exc):
-                    log.error("%s: holding acknowledgements; the broker keeps the messages", exc)
-                self.store_problem = str(exc)
-                if self.stopping.wait(SPOOL_FULL_PAUSE_S):
-                    return None
-                continue
-            self.metrics.spool_full.set(0)
-            self.store_problem = None
-            return result
-
-    def _write_derived(self, lines: list[str]) -> None:
-        """Analytics results, written by the analytics worker (spooled like everything else),
-        in slices with a breath between them: one 100,000-line request would hold the
-        database (and, on a small host, the CPU) while readings and alerts wait."""
-        for start in range(0, len(lines), DERIVED_SLICE):
-            result = self._write_durably(lines[start : start + DERIVED_SLICE])
-            if result is not None and result.rejected:
-                self._dead_letter_lines(result.rejected)
-            if start + DERIVED_SLICE < len(lines):
-                self.stopping.wait(DERIVED_PAUSE_S)
-
-    def _publish_letters(self, letters: list[tuple[str, bytes]]) -> None:
-        """Publish dead letters and wait for the broker to have them before the batch is acked.
-
-        If the broker does not confirm in time, paho keeps them queued and sends them on
-        reconnect; the rejections are also in InfluxDB (cityflux_deadletter) already.
-        """
-        infos = [self.consumer.publish(topic, payload) for topic, payload in letters]
-        deadline = time.monotonic() + DEADLETTER_CONFIRM_S
-        for info in infos:
-            if info.rc == paho.MQTT_ERR_NO_CONN:
-                continue  # queued while disconnected: waiting would raise, not help
-            with contextlib.suppress(RuntimeError, ValueError):  # a disconnect meanwhile
-                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-        confirmed = sum(1 for info in infos if _confirmed(info))
-        self.metrics.deadletters_published.inc(confirmed)
-        if confirmed < len(infos):
-            log.warning(
-                "%d dead letters not yet confirmed by the broker; paho will resend them",
-                len(infos) - confirmed,
-            )
-
-    def _dead_letter_lines(self, rejected: RejectedLines) -> None:
-        """Lines the database refused (e.g. a field type conflict): dead-letter, never retry."""
-        for line, error in rejected:
-            self.metrics.rejected.labels(Reason.WRITE_REJECTED.value).inc()
-            letter = self.letters.letter(
-                Rejection(Reason.WRITE_REJECTED, error, 0),
-                "(database)",
-                line.encode(),
-                time.time_ns(),
-            )
-            self.consumer.publish(
-                self.letters.topic(Reason.WRITE_REJECTED), self.letters.encode(letter)
-            )
-            self.metrics.deadletters_published.inc()
+    def _write_alert(self, alert: Alert) -> None:
+        self.committer.write_derived([alert_line(alert)])
 
     # -- health ---------------------------------------------------------------------------
     def _health_line(self) -> str | None:
@@ -481,19 +342,19 @@ class Pipeline:
         self._next_health = now + self.config.metrics.health_interval_s
         fields: dict[str, float | int | bool | str] = dict(self.metrics.snapshot())
         return encode_point(
-            PIPELINE_MEASUREMENT, {"worker": self.consumer.client_id}, fields, time.time_ns()
+            PIPELINE_MEASUREMENT, {"worker": self.source.client_id}, fields, time.time_ns()
         )
 
     def health(self) -> dict[str, Any]:
         """What /healthz answers: unhealthy (503) while disconnected from the broker, while
         durable writes fail, or while a component is down or stalled with work waiting."""
-        connected = self.consumer.connected.is_set()
+        connected = self.source.is_connected()
         spool_full = self.metrics.value("spool_full") == 1
         problems = self.supervisor.problems()
         if not connected:
             problems["mqtt"] = "not connected to the broker"
-        if self.store_problem is not None:
-            problems["store"] = self.store_problem
+        if self.committer.store_problem is not None:
+            problems["store"] = self.committer.store_problem
         if self.starting is not None:
             problems["starting"] = self.starting
         return {
@@ -501,16 +362,8 @@ class Pipeline:
             "problems": problems,
             "mqtt_connected": connected,
             "database_up": self.sink.database_up,
-            "spool_records": len(self.spool),
-            "spool_bytes": self.spool.size,
+            "spool_records": self.sink.backlog()[0],
+            "spool_bytes": self.sink.backlog()[1],
             "spool_full": spool_full,
             **(self.broker_stats.health() if self.broker_stats is not None else {}),
         }
-
-
-def _confirmed(info: paho.MQTTMessageInfo) -> bool:
-    """The broker has the message; paho raises instead of saying no for one it only queued."""
-    try:
-        return info.is_published()
-    except (RuntimeError, ValueError):
-        return False

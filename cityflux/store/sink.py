@@ -108,7 +108,15 @@ class DurableSink:
         self._appended.set()
 
     def close(self) -> None:
-        self.writer.close()
+        """Close the database connection, then the spool (each even if the other raised)."""
+        try:
+            self.writer.close()
+        finally:
+            self.spool.close()
+
+    def backlog(self) -> tuple[int, int]:
+        """Records and bytes in the spool, waiting for the database."""
+        return len(self.spool), self.spool.size
 
     def drain_once(self) -> bool:
         """Move the oldest spooled record to the database; False if there was none or it failed."""

@@ -21,7 +21,7 @@ import pytest
 
 from cityflux.config import Config
 from cityflux.errors import SpoolError
-from cityflux.mqtt.consumer import MessageBatch
+from cityflux.model.messages import MessageBatch
 from cityflux.pipeline.pipeline import BatchOutcome, Pipeline
 from cityflux.servers import LocalMosquitto
 from cityflux.store.influx import InfluxWriter
@@ -81,7 +81,7 @@ def test_dead_letters_while_the_broker_is_gone_do_not_kill_the_commit(
     pipeline = Pipeline(no_analytics(config))
     with running(pipeline):
         broker.stop()
-        wait_for(lambda: not pipeline.consumer.publisher.is_connected(), 10, "publisher down")
+        wait_for(lambda: not pipeline.source.publisher.is_connected(), 10, "publisher down")
         line = encode_point("pole", {"device": "direct"}, {"pm25_ugm3": 1.5}, NOW_MS * 10**6)
         letter = ("cityflux/v1/deadletter/schema", b'{"reason":"schema"}')
         outcome = BatchOutcome(lines=[line], letters=[letter])
@@ -90,7 +90,7 @@ def test_dead_letters_while_the_broker_is_gone_do_not_kill_the_commit(
         broker.start()
         watcher = Subscriber(broker.port, "cityflux/v1/deadletter/#")
         try:
-            wait_for(pipeline.consumer.connected.is_set, 20, "reconnect")
+            wait_for(pipeline.source.is_connected, 20, "reconnect")
             publish_all(broker.port, [pole(i) for i in range(50)] + [("x/bad", b"")])
             publish_all(broker.port, [("cityflux/v1/centre/pole/p-1", b"not json")])
             wait_for(lambda: count_points(db, "pole", "pm25_ugm3") == 51, 20, "51 points")
@@ -180,7 +180,7 @@ def test_a_hung_commit_is_seen_by_the_watchdog(
         assert any(
             name.startswith("commit-") and "no progress" in text for name, text in problems.items()
         ), problems
-        assert pipeline.consumer.connected.is_set()
+        assert pipeline.source.is_connected()
         release.set()
         wait_for(lambda: count_points(db, "pole", "pm25_ugm3") == 10, 20, "10 points")
         wait_for(lambda: healthz(pipeline)[0] == 200, 10, "healthy again")
@@ -223,7 +223,7 @@ def crash_once(target: Any, name: str) -> None:
 
 @pytest.mark.parametrize(
     ("component", "owner", "method"),
-    [("mqtt-reader", "consumer", "_serve"), ("spool-drain", "sink", "drain_loop")],
+    [("mqtt-reader", "source", "_serve"), ("spool-drain", "sink", "drain_loop")],
 )
 def test_a_crashed_background_component_is_restarted_and_counted(
     config: Config,
@@ -289,8 +289,8 @@ def test_a_failing_step_of_close_does_not_skip_the_others(
     pipeline.analytics.close = full_disk  # type: ignore[method-assign]
     with pytest.raises(OSError, match="No space left"), running(pipeline):
         pass
-    assert not pipeline.consumer.connected.is_set()
-    assert not pipeline.consumer.publisher.is_connected()
+    assert not pipeline.source.is_connected()
+    assert not pipeline.source.publisher.is_connected()
     assert all(
         c.thread is None or not c.thread.is_alive() for c in pipeline.supervisor.components.values()
     )

@@ -222,7 +222,7 @@ def test_a_malformed_packet_reconnects_and_the_next_message_arrives(
         batch = consumer.take(1, wait_s=10)
         assert batch.topics == [GOOD_TOPIC]
         assert batch.payloads == [GOOD_PAYLOAD]
-        assert batch.mids == [7]
+        assert batch.receipts == [7]
         assert consumer.ack(batch)
         wait_for(lambda: seen.pubacks, timeout=5, what="the PUBACK of the good message")
     finally:
@@ -266,7 +266,7 @@ def test_an_oversized_publish_is_read_through_and_acknowledged(version: int) -> 
     finally:
         consumer.stop()
         broker.close()
-    assert batch.mids == [11, 12]
+    assert batch.receipts == [11, 12]
     assert batch.topics == [GOOD_TOPIC, GOOD_TOPIC]
     oversized, good = batch.payloads
     assert isinstance(oversized, OversizedPayload)
@@ -293,7 +293,7 @@ def test_a_broker_disconnect_reconnects_without_counting_a_protocol_error() -> N
     try:
         consumer.start(wait_s=5)
         batch = consumer.take(1, wait_s=10)
-        assert batch.mids == [7]
+        assert batch.receipts == [7]
     finally:
         consumer.stop()
         broker.close()

@@ -190,7 +190,7 @@ def test_a_payload_that_raises_is_an_internal_error_of_that_message_only(
     watcher = Subscriber(broker.port, "cityflux/v1/deadletter/#")
     try:
         pipeline = Pipeline(config)
-        pipeline.decoder = FaultyDecoder(config.ingest, config.mqtt.topic_root)
+        pipeline.transform.decoder = FaultyDecoder(config.ingest, config.mqtt.topic_root)
         with running(pipeline):
             publish_all(broker.port, messages)
             wait_for(lambda: len(watcher.messages) >= len(booms), what="dead letters")

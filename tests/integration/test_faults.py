@@ -144,7 +144,7 @@ def test_broker_restart_loses_nothing_of_the_persistent_session(
         # and while cityflux runs: the broker restarts under it, cityflux reconnects
         broker.stop()
         broker.start()
-        wait_for(pipeline.consumer.connected.is_set, what="reconnect")
+        wait_for(pipeline.source.is_connected, what="reconnect")
         publish_all(broker.port, readings(n, offset=2 * n))
         wait_for(lambda: count_points(db, "pole", "pm25_ugm3") >= 3 * n, what="third batch")
     assert count_points(db, "pole", "pm25_ugm3") == 3 * n

@@ -67,7 +67,7 @@ def test_username_and_password(secured_broker: LocalMosquitto, config: Config) -
             base.with_overrides({"mqtt.username": "cityflux", "mqtt.password": "s3cret"})
         )
         right.start(wait_connected_s=10)
-        assert right.consumer.connected.is_set()
+        assert right.source.is_connected()
         right.close()
 
 
@@ -137,7 +137,7 @@ def test_tls(tmp_path: Path, config: Config, db: InfluxWriter) -> None:
             {"mqtt.url": f"mqtts://127.0.0.1:{broker.port}", "mqtt.tls.ca_file": str(ca)}
         )
         with running(Pipeline(tls_config)) as pipeline:
-            assert pipeline.consumer.connected.is_set()
+            assert pipeline.source.is_connected()
             subprocess.run(
                 [
                     require_binary("mosquitto_pub"),

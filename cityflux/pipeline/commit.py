@@ -1,0 +1,121 @@
+"""The commit stage: make a batch's outcome durable, publish its dead letters, then settle it
+with the source. Nothing is acknowledged before the sink returned (database or fsynced spool)
+and the broker confirmed the dead letters (or paho holds them for the reconnect)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from cityflux.errors import SpoolError, SpoolFull
+from cityflux.ingest.deadletter import DeadLetterFactory
+from cityflux.model.columns import Rejection
+from cityflux.model.contract import Reason
+from cityflux.model.messages import MessageBatch
+from cityflux.observability import Metrics
+from cityflux.pipeline.seams import Sink, Source
+from cityflux.pipeline.transform import BatchOutcome
+from cityflux.store.sink import RejectedLines, SinkResult
+
+log = logging.getLogger(__name__)
+DERIVED_SLICE = 10_000  # lines per write of analytics results
+DERIVED_PAUSE_S = 0.01
+SPOOL_FULL_PAUSE_S = 0.5
+DEADLETTER_CONFIRM_S = 5.0
+
+
+class Committer:
+    def __init__(
+        self,
+        source: Source,
+        sink: Sink,
+        letters: DeadLetterFactory,
+        metrics: Metrics,
+        stopping: threading.Event,
+    ) -> None:
+        self.source = source
+        self.sink = sink
+        self.letters = letters
+        self.metrics = metrics
+        self.stopping = stopping
+        self.store_problem: str | None = None  # why durable writes are failing right now
+
+    def commit(self, batch: MessageBatch, outcome: BatchOutcome) -> bool:
+        """Store durably, dead-letter, acknowledge. False if not acknowledged."""
+        result = self.write_durably(outcome.lines)
+        if result is None:
+            return False  # stopping while the spool was full: the broker keeps the batch
+        self._publish_letters(outcome.letters)
+        if result.rejected:
+            self.dead_letter_lines(result.rejected)
+        for kind, count in outcome.accepted.items():
+            self.metrics.accepted.labels(kind).inc(count)
+        if not len(batch):
+            return True
+        acked = self.source.ack(batch)
+        self.metrics.batch_messages.observe(len(batch))
+        self.metrics.ack_lag_seconds.observe(time.monotonic() - batch.first_received)
+        return acked
+
+    def write_durably(self, lines: list[str]) -> SinkResult | None:
+        """Database or spool, retried while neither can take the lines (spool full, disk
+        full, an unwritable spool): acknowledgements wait, the broker keeps the messages, and
+        /healthz says why. None if stopping meanwhile."""
+        while True:
+            try:
+                result = self.sink.write(lines)
+            except SpoolError as exc:
+                full = isinstance(exc, SpoolFull)
+                self.metrics.spool_full.set(1 if full else 0)
+                if self.store_problem != str(exc):
+                    log.error("%s: holding acknowledgements; the broker keeps the messages", exc)
+                self.store_problem = str(exc)
+                if self.stopping.wait(SPOOL_FULL_PAUSE_S):
+                    return None
+                continue
+            self.metrics.spool_full.set(0)
+            self.store_problem = None
+            return result
+
+    def write_derived(self, lines: list[str]) -> None:
+        """Analytics results, written by the analytics worker (spooled like everything else),
+        in slices with a breath between them: one 100,000-line request would hold the
+        database (and, on a small host, the CPU) while readings and alerts wait."""
+        for start in range(0, len(lines), DERIVED_SLICE):
+            result = self.write_durably(lines[start : start + DERIVED_SLICE])
+            if result is not None and result.rejected:
+                self.dead_letter_lines(result.rejected)
+            if start + DERIVED_SLICE < len(lines):
+                self.stopping.wait(DERIVED_PAUSE_S)
+
+    def _publish_letters(self, letters: list[tuple[str, bytes]]) -> None:
+        """Publish dead letters and wait for the broker to have them before the batch is acked.
+
+        If the broker does not confirm in time, the source keeps them queued and sends them on
+        reconnect; the rejections are also in InfluxDB (cityflux_deadletter) already.
+        """
+        if not letters:
+            return
+        confirmed = self.source.publish_confirmed(letters, DEADLETTER_CONFIRM_S)
+        self.metrics.deadletters_published.inc(confirmed)
+        if confirmed < len(letters):
+            log.warning(
+                "%d dead letters not yet confirmed by the broker; they are resent on reconnect",
+                len(letters) - confirmed,
+            )
+
+    def dead_letter_lines(self, rejected: RejectedLines) -> None:
+        """Lines the database refused (e.g. a field type conflict): dead-letter, never retry."""
+        for line, error in rejected:
+            self.metrics.rejected.labels(Reason.WRITE_REJECTED.value).inc()
+            letter = self.letters.letter(
+                Rejection(Reason.WRITE_REJECTED, error, 0),
+                "(database)",
+                line.encode(),
+                time.time_ns(),
+            )
+            self.source.publish(
+                self.letters.topic(Reason.WRITE_REJECTED), self.letters.encode(letter)
+            )
+            self.metrics.deadletters_published.inc()
