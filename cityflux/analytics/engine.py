@@ -7,15 +7,17 @@
         status rows   -> online/offline
         every row     -> last seen per device (deadman)
     -> Observations -> AlertEngine -> alert changes (SQLite, MQTT, InfluxDB)
-    -> lines for InfluxDB (docs/schema.md)
+    -> result tables and alert points for InfluxDB (model.points; docs/schema.md)
 
 One engine holds the state of one partition (a set of districts; all of them by default),
 keyed by entity index, so districts can be split across processes. Nothing here does network
-I/O: the pipeline writes the lines durably and publishes the alert changes.
+I/O, formats line protocol or starts a thread: the pipeline (pipeline/analytics_link.py) runs
+:meth:`AnalyticsEngine.work` on a supervised thread, encodes the results, writes them durably
+and publishes the alert changes.
 
-This module is the orchestration: locks, the worker thread, the watermark, when windows close
+This module is the orchestration: locks, the worker loop, the watermark, when windows close
 and checkpoints are taken. What each kind of reading does lives in ``domains/`` (registered in
-``domains.INTAKE``); the encoding of results in ``results.py``; the checkpointed state in
+``domains.INTAKE``); the result tables in ``results.py``; the checkpointed state in
 ``snapshot.py`` (the files themselves in ``checkpoint.py``); device numbering in ``devices.py``;
 which city map is loaded in ``citymapfile.py``.
 """
@@ -44,17 +46,17 @@ from cityflux.analytics.domains import INTAKE, status
 from cityflux.analytics.domains import poles as poles_domain
 from cityflux.analytics.domains import traffic as traffic_domain
 from cityflux.analytics.environment import ManholeState
-from cityflux.analytics.results import Encoder, Output, TooLate, alert_line
+from cityflux.analytics.results import Output, ResultTables, TooLate, alert_point
 from cityflux.analytics.traffic import California, CaliforniaThresholds, LinkIndices, Rollup
 from cityflux.analytics.windows import Pane, PaneBuffer, Watermark
 from cityflux.config import AnalyticsConfig
 from cityflux.model.citymap import CityMap
 from cityflux.model.columns import Columns
+from cityflux.model.points import Point, Result
 from cityflux.model.units import NS
-from cityflux.supervisor import Component, Spawn
 
-# Output, TooLate and alert_line are imported from here by analytics.link and ingest.pipeline
-__all__ = ["AnalyticsEngine", "Output", "TooLate", "alert_line"]
+# Output, TooLate and alert_point are imported from here by pipeline.analytics_link
+__all__ = ["AnalyticsEngine", "Output", "TooLate", "alert_point"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -66,17 +68,17 @@ class AnalyticsEngine:
         config: AnalyticsConfig,
         city: CityMap | None = None,
         *,
-        encode: bool = True,
+        index_tables: bool = True,
         notify: Callable[[Alert], None] | None = None,
     ) -> None:
         self.config = config
         # called at once for every alert change, before windows are computed: an open manhole
         # cover must not wait for a minute of traffic indices (bench/analytics.py, latency)
         self.notify = notify
-        self.encode = encode  # False: compute and alert, write no index lines (benchmarks)
         self.city = city or load_configured_map(config.city_map)
         self.model = CityModel(self.city)
-        self.encoder = Encoder(self.model, encode)
+        # index_tables=False: compute and alert, hand out no traffic index tables (benchmarks)
+        self.tables = ResultTables(self.model, index_tables)
         self.watermark = Watermark(round(config.delay_s * NS))
         # event time a batch can move the watermark to: the wall clock + this (docs/analytics.md)
         self._skew_ns = round(max(config.max_clock_skew_s, 0.0) * NS)
@@ -104,38 +106,36 @@ class AnalyticsEngine:
         self.latest: tuple[int, LinkIndices, Rollup] | None = None
         self.latest_end = 0
         self.checkpoint_path = Path(config.checkpoint_dir) / "windows.npz"
-        # Threads (start_worker): the caller's thread adds rows and runs the per-reading rules;
-        # a worker computes the windows, so an open manhole cover never waits behind a minute
-        # of traffic indices. panes_lock guards the pane buffers and the watermark (held
-        # briefly); _emit_lock guards everything windows derive (held while computing).
+        # Threads (windows_in_background): the caller's thread adds rows and runs the
+        # per-reading rules; work(), run by the pipeline on a thread of its own, computes the
+        # windows, so an open manhole cover never waits behind a minute of traffic indices.
+        # panes_lock guards the pane buffers and the watermark (held briefly); _emit_lock
+        # guards everything windows derive (held while computing).
         self.panes_lock = threading.Lock()
         self._emit_lock = threading.RLock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._worker: threading.Thread | None = None
+        self._background = False
         # called on each failure of the worker (the pipeline counts them in /metrics)
         self.on_worker_error: Callable[[], object] = lambda: None
-        self._deliver: Callable[[list[str]], object] = lambda lines: None
+        self._deliver: Callable[[list[Result]], object] = lambda results: None
+        self._undelivered: list[Result] = []  # results whose delivery raised: retried first
         self.restore()
 
-    def start_worker(
-        self, deliver: Callable[[list[str]], object], spawn: Spawn | None = None
-    ) -> None:
-        """Compute windows on a thread of their own. ``deliver`` writes the window results
-        (durably) from that thread, so their volume never holds up ingest. ``spawn`` starts
-        the thread under the caller's supervisor (restarted and counted if it dies)."""
+    def windows_in_background(self, deliver: Callable[[list[Result]], object]) -> None:
+        """From now on windows are computed by :meth:`work`, which the caller runs on a
+        thread of its own (supervised: restarted and counted if it dies); :meth:`process`
+        only wakes it. ``deliver`` writes the window results (durably) from that thread, so
+        their volume never holds up ingest."""
         self._deliver = deliver
-        self._undelivered: list[str] = []  # results whose write raised: retried first
-        if spawn is not None:
-            self._worker = spawn("analytics", self._work)
-            return
-        self._worker = threading.Thread(target=self._work, name="analytics", daemon=True)
-        self._worker.start()
+        self._background = True
 
-    def _work(self, component: Component | None = None) -> None:
+    def work(self, beat: Callable[[], object] = lambda: None) -> None:
+        """The worker loop, until :meth:`stop`: woken by new data (or every 0.5 s), computes
+        the windows that became complete, checkpoints when due, and delivers the results,
+        those a failed delivery kept first. ``beat`` reports progress to a watchdog."""
         while not self._stopping.is_set():
-            if component is not None:
-                component.beat()
+            beat()
             self._wake.wait(0.5)
             self._wake.clear()
             out = Output()
@@ -145,14 +145,19 @@ class AnalyticsEngine:
                     self._maybe_checkpoint()
             except Exception:  # a bad window must not stop every later one
                 self._worker_failed("computing windows failed")
-            self._undelivered += out.lines
+            self._undelivered += out.results
             if self._undelivered:
                 try:
                     self._deliver(self._undelivered)
                 except Exception:  # kept, and delivered with the next results
-                    self._worker_failed(f"{len(self._undelivered)} result lines not written")
+                    self._worker_failed(f"{len(self._undelivered)} results not written")
                 else:
                     self._undelivered = []
+
+    def stop(self) -> None:
+        """Make :meth:`work` return (after the round it is in)."""
+        self._stopping.set()
+        self._wake.set()
 
     def _worker_failed(self, what: str) -> None:
         log.exception("analytics worker: %s", what)
@@ -183,7 +188,7 @@ class AnalyticsEngine:
                 self.watermark.observe(cols.ts_ns, limit_ns)
         if any(len(c) for c in columns.values()):
             self._last_data = time.monotonic()
-        if self._worker is not None:
+        if self._background:
             self._wake.set()
         else:
             with self._emit_lock:
@@ -220,7 +225,7 @@ class AnalyticsEngine:
         idle = time.monotonic() - self._last_data >= self.config.idle_flush_s
         if idle and self.watermark.newest_ns and self._has_open_panes():
             self.flush(out)
-        if self._worker is None:
+        if not self._background:
             with self._emit_lock:
                 self._maybe_checkpoint()
         return out
@@ -275,25 +280,20 @@ class AnalyticsEngine:
         forget(self.pole_parts, watermark - keep_env - self.poles.lateness_ns)
 
     # -- alerts --------------------------------------------------------------------------
-    def _prefixes(self, key: str, measurement: str, tags: dict[str, list[str]]) -> Array:
-        """Series prefixes of a fixed table (results.Encoder.prefixes; bench/analytics.py
-        warms them)."""
-        return self.encoder.prefixes(key, measurement, tags)
-
     def observe(self, out: Output, observation: Observation) -> None:
         for alert in self.alerts.evaluate(observation):
             out.alerts.append(alert)
-            out.lines.append(alert_line(alert, self.model.position(alert.entity)))
+            out.results.append(alert_point(alert, self.model.position(alert.entity)))
             if self.notify is not None:
                 self.notify(alert)
 
-    def acknowledge(self, alert_id: int, by: str) -> tuple[Alert | None, list[str]]:
+    def acknowledge(self, alert_id: int, by: str) -> tuple[Alert | None, list[Point]]:
         alert = self.alerts.acknowledge(alert_id, by)
         if alert is None:
             return None, []
         # at the time of the alert's current state, not the wall clock: the acknowledged flag
         # updates that point, and a replay's later clearing is never older than the ack
-        return alert, [alert_line(alert, self.model.position(alert.entity))]
+        return alert, [alert_point(alert, self.model.position(alert.entity))]
 
     # -- checkpoints ---------------------------------------------------------------------
     def recovery_since_ns(self, now_ns: int | None = None) -> int:
@@ -327,7 +327,7 @@ class AnalyticsEngine:
         """Load the checkpoint, if any. One that cannot be read or does not fit is logged,
         renamed to ``windows.npz.corrupt`` and ignored: the engine starts as if killed before
         its first checkpoint, and the pipeline's recovery re-reads the open windows' raw
-        readings from InfluxDB (link.AnalyticsLink.recover)."""
+        readings from InfluxDB (pipeline.analytics_link.AnalyticsLink.recover)."""
         path = self.checkpoint_path
         if not path.exists():
             return
@@ -351,10 +351,9 @@ class AnalyticsEngine:
         log.info("analytics restored from %s", path)
 
     def close(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._worker is not None:
-            self._worker.join(timeout=30)
+        """Stop the worker loop, take a last checkpoint (after the worker's round: the caller
+        joins its thread first) and close the alert store."""
+        self.stop()
         self.checkpoint()
         self.alerts.store.close()
 

@@ -1,8 +1,11 @@
-"""What the engine hands out: the typed result of a batch (:class:`Output`) and the encoding of
-window results and alert states as InfluxDB line protocol (docs/schema.md)."""
+"""What the engine hands out: the typed result of a batch (:class:`Output`), with window
+results and alert states as :class:`~cityflux.model.points.Table` s and points (docs/schema.md
+is the contract: which measurement, tags and fields). The store encodes them; nothing here
+formats line protocol."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +16,7 @@ from cityflux.analytics.alerts import Alert
 from cityflux.analytics.citymodel import CityModel
 from cityflux.analytics.environment import AirNoise
 from cityflux.analytics.traffic import LinkIndices, Rollup
-from cityflux.store.lineprotocol import FieldValue, encode_point, encode_table, series_prefixes
+from cityflux.model.points import FieldValue, Point, Result, Table
 
 Array = npt.NDArray[Any]
 SEGMENT_MEASUREMENT = "traffic_segment"
@@ -35,33 +38,34 @@ class TooLate:
 
 @dataclass(slots=True)
 class Output:
-    lines: list[str] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)  # tables and alert points, in order
     alerts: list[Alert] = field(default_factory=list)
     too_late: list[TooLate] = field(default_factory=list)
 
 
-class Encoder:
-    """Window results as lines. The series prefixes of tables whose rows are fixed entities
-    (links, poles, districts) are built once, then selected per window. ``enabled=False``
-    (benchmarks) encodes no index lines."""
+class ResultTables:
+    """Window results as :class:`Table` s (docs/schema.md: which measurement, tags and fields).
+    Their rows are fixed entities (links, districts, poles), so each table's tag columns are
+    built once per series and handed out again; the store caches its series prefixes by the
+    same key. ``enabled=False`` (benchmarks) builds no traffic tables."""
 
     def __init__(self, model: CityModel, enabled: bool = True) -> None:
         self.model = model
         self.enabled = enabled
-        self._series: dict[str, Array] = {}
+        self._tags: dict[str, dict[str, list[str]]] = {}
 
-    def prefixes(self, key: str, measurement: str, tags: dict[str, list[str]]) -> Array:
-        cached = self._series.get(key)
+    def tags(self, series: str, build: Callable[[], dict[str, list[str]]]) -> dict[str, list[str]]:
+        cached = self._tags.get(series)
         if cached is None:
-            cached = self._series[key] = np.array(series_prefixes(measurement, tags), dtype=object)
+            cached = self._tags[series] = build()
         return cached
 
-    def segment_lines(self, links: LinkIndices, window: str, end: int) -> list[str]:
-        m = self.model
-        ok = links.has_data
+    def segments(self, links: LinkIndices, window: str, end: int) -> list[Table]:
         if not self.enabled:
             return []
-        prefixes = self.prefixes(f"segment/{window}", SEGMENT_MEASUREMENT, {
+        m, ok = self.model, links.has_data
+        series = f"segment/{window}"
+        tags = self.tags(series, lambda: {
             "segment": m.link_segment, "direction": m.link_direction,
             "district": np.array(m.district_ids, dtype=object)[m.link_district].tolist(),
             "road_class": m.link_class.tolist(), "window": [window] * m.links,
@@ -76,38 +80,44 @@ class Encoder:
         }  # fmt: skip
         if window == "5m":  # maps read the 5-minute window: positions there only
             fields |= {"lat": m.link_lat[ok], "lon": m.link_lon[ok]}
-        return encode_table(prefixes[ok].tolist(), rounded(fields), end)
+        return [Table(SEGMENT_MEASUREMENT, series, tags, rounded(fields), end, rows=ok)]
 
-    def district_lines(self, r: Rollup, window: str, end: int) -> list[str]:
+    def districts(self, r: Rollup, window: str, end: int) -> list[Table]:
         if not self.enabled:
             return []
-        names = [*self.model.district_ids, "city"]
+        series = f"district/{window}"
+
+        def build() -> dict[str, list[str]]:
+            names = [*self.model.district_ids, "city"]
+            return {"district": names, "window": [window] * len(names)}
+
         fields = {
             "tpi": r.tpi, "congested_share": r.congested_share, "cv": r.cv, "vkt": r.vkt,
             "segments_with_data": r.links_with_data.astype(np.int64),
         }  # fmt: skip
-        prefixes = self.prefixes(f"district/{window}", DISTRICT_MEASUREMENT,
-                                 {"district": names, "window": [window] * len(names)})  # fmt: skip
-        return encode_table(prefixes.tolist(), rounded(fields), end)
+        return [Table(DISTRICT_MEASUREMENT, series, self.tags(series, build), rounded(fields), end)]
 
-    def pole_lines(self, result: AirNoise, tags: dict[str, list[str]], end: int) -> list[str]:
-        """The hourly air quality and noise of every pole (encoded even when disabled, as
-        before the split: the benchmark's figures include them)."""
-        air = self.prefixes("air", AIR_MEASUREMENT, tags).tolist()
-        noise = self.prefixes("noise", NOISE_MEASUREMENT, tags).tolist()
-        lines = encode_table(air, rounded({
+    def poles(self, result: AirNoise, pole_tags: dict[str, list[str]], end: int) -> list[Table]:
+        """The hourly air quality and noise of every pole (built even when disabled, as before
+        the split: the benchmark's figures include them). ``pole_tags``: device_id and
+        district per pole (the same every time: the first ones are kept)."""
+        tags = self.tags("poles", lambda: pole_tags)
+        air = rounded({
             "aqi": result.aqi, "iaqi_pm25": result.iaqi_pm25, "iaqi_pm10": result.iaqi_pm10,
             "pm25_1h_ugm3": result.pm25_1h, "pm10_1h_ugm3": result.pm10_1h,
             "category": result.category.astype(np.int64), "primary": result.primary.astype(object),
-        }), end)  # fmt: skip
-        lines += encode_table(noise, rounded({
+        })  # fmt: skip
+        noise = rounded({
             "leq_1h_dba": result.leq_dba, "limit_dba": result.limit_dba,
             "exceed_dba": result.exceed_dba,
-        }), end)  # fmt: skip
-        return lines
+        })  # fmt: skip
+        return [
+            Table(AIR_MEASUREMENT, "poles", tags, air, end),
+            Table(NOISE_MEASUREMENT, "poles", tags, noise, end),
+        ]
 
 
-def alert_line(alert: Alert, position: tuple[float, float] | None = None) -> str:
+def alert_point(alert: Alert, position: tuple[float, float] | None = None) -> Point:
     """The alert's current state as a point at the time it took that state, so dashboards can
     annotate it (and map it, at the entity's ``position``)."""
     fields: dict[str, FieldValue] = {
@@ -118,7 +128,7 @@ def alert_line(alert: Alert, position: tuple[float, float] | None = None) -> str
     }  # fmt: skip
     if position is not None:
         fields["lat"], fields["lon"] = position
-    return encode_point(
+    return Point(
         ALERT_MEASUREMENT,
         {"rule": alert.rule, "severity": alert.severity, "district": alert.district,
          "entity": alert.entity},

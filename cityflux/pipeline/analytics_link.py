@@ -1,22 +1,29 @@
 """How the analytics core sits in the pipeline: validated columns in; index lines, alert
-changes (MQTT, retained) and too-late rejections out; acknowledgements from MQTT in."""
+changes (MQTT, retained) and too-late rejections out; acknowledgements from MQTT in.
+
+The engine computes windows in :meth:`AnalyticsEngine.work`, which the link runs on a thread
+of the pipeline's supervisor; the engine's result tables and alert points become line protocol
+here, with the store's encoder (its series prefixes cached for the life of the link)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
 import msgspec
 import numpy as np
 
 from cityflux.analytics.alerts import Alert
-from cityflux.analytics.engine import AnalyticsEngine, Output, TooLate
+from cityflux.analytics.engine import AnalyticsEngine, TooLate, alert_point
 from cityflux.config import Config
 from cityflux.errors import StoreError
 from cityflux.model.columns import Columns, Rejection
 from cityflux.model.contract import Reason
+from cityflux.model.points import Result
 from cityflux.store.influx import InfluxWriter
+from cityflux.store.lineprotocol import TableEncoder, point_line
 from cityflux.supervisor import Spawn
 
 log = logging.getLogger(__name__)
@@ -25,6 +32,11 @@ RECOVER_MEASUREMENTS: Final = {
     "pole": ("", ("pm25_ugm3", "pm10_ugm3", "noise_dba", "lamp_on", "lamp_power_w",
                   "lamp_fault")),
 }  # fmt: skip
+
+
+def alert_line(alert: Alert, position: tuple[float, float] | None = None) -> str:
+    """An alert's current state as a line (analytics.results.alert_point)."""
+    return point_line(alert_point(alert, position))
 
 
 class AckMessage(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,8 +64,36 @@ class AnalyticsLink:
         self.ack_topic = f"{root}/alerts/ack"
         self._ack_decoder = msgspec.json.Decoder(AckMessage)
         self._encoder = msgspec.json.Encoder()
+        self._write = write
+        self.tables = TableEncoder()
         self.engine = AnalyticsEngine(config.analytics, notify=self._publish_one)
-        self.engine.start_worker(deliver=write, spawn=spawn)
+        # the window results are written from the worker, so their volume never holds up
+        # ingest; spawn starts it under the pipeline's supervisor (restarted and counted)
+        self.engine.windows_in_background(self._deliver)
+        if spawn is not None:
+            self.worker = spawn("analytics", lambda component: self.engine.work(component.beat))
+        else:
+            self.worker = threading.Thread(target=self.engine.work, name="analytics", daemon=True)
+            self.worker.start()
+
+    def encode(self, results: Sequence[Result]) -> list[str]:
+        """The engine's results as lines. One that cannot be encoded (a tag the line protocol
+        cannot express) is logged, counted as a worker error and dropped: retried, it would
+        hold up every later result."""
+        try:
+            return self.tables.encode(results)
+        except ValueError:
+            lines: list[str] = []
+            for item in results:
+                try:
+                    lines += self.tables.encode([item])
+                except ValueError:
+                    log.exception("analytics result of %s not encodable: dropped", item.measurement)
+                    self.engine.on_worker_error()
+            return lines
+
+    def _deliver(self, results: list[Result]) -> None:
+        self._write(self.encode(results))
 
     def process(self, columns: dict[str, Columns]) -> tuple[list[str], list[Rejection]]:
         out = self.engine.process(columns)  # alert changes are published as they happen
@@ -68,13 +108,14 @@ class AnalyticsLink:
             for item in out.too_late
             for message, reading, ts in _per_reading(item)
         ]
-        return out.lines, late
+        return self.encode(out.results), late
 
     def idle(self) -> list[str]:
-        return self.engine.tick().lines
+        return self.encode(self.engine.tick().results)
 
-    def flush(self) -> Output:
-        return self.engine.flush()
+    def flush(self) -> list[str]:
+        """Every open window closed now (the end of a scenario run), as lines."""
+        return self.encode(self.engine.flush().results)
 
     def acknowledgements(self, topics: list[str], payloads: list[bytes]) -> list[str]:
         """Apply every ``{topic_root}/alerts/ack`` message of the batch."""
@@ -87,11 +128,11 @@ class AnalyticsLink:
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
                 log.warning("bad alert acknowledgement %r: %s", payload[:200], exc)
                 continue
-            alert, alert_lines = self.engine.acknowledge(ack.id, ack.by)
+            alert, points = self.engine.acknowledge(ack.id, ack.by)
             if alert is None:
                 log.warning("acknowledgement of unknown alert %d", ack.id)
                 continue
-            lines += alert_lines
+            lines += self.encode(points)
             self._publish_one(alert)
         return lines
 
@@ -131,6 +172,9 @@ class AnalyticsLink:
         return total
 
     def close(self) -> None:
+        """Stop the worker, wait for its round to end, then the engine's last checkpoint."""
+        self.engine.stop()
+        self.worker.join(timeout=30)
         self.engine.close()
 
 

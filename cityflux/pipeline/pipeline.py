@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from cityflux.analytics.alerts import Alert
-from cityflux.analytics.engine import alert_line
 from cityflux.config import Config
 from cityflux.errors import StoreError
 from cityflux.ingest.deadletter import DeadLetterFactory
 from cityflux.model.messages import MessageBatch
 from cityflux.mqtt.consumer import MqttConsumer
 from cityflux.observability import Metrics, MetricsServer
-from cityflux.pipeline.analytics_link import AnalyticsLink
+from cityflux.pipeline.analytics_link import AnalyticsLink, alert_line
 from cityflux.pipeline.broker_stats import BrokerWatcher
 from cityflux.pipeline.commit import Committer
 from cityflux.pipeline.seams import Source

@@ -1,4 +1,5 @@
-"""InfluxDB line protocol: escaping, single points, and whole columnar batches.
+"""InfluxDB line protocol: escaping, single points, whole columnar batches, and the analytics'
+result tables (model.points).
 
 Escaping rules (https://docs.influxdata.com/influxdb/v1/write_protocols/line_protocol_reference/):
 measurement names escape comma and space; tag keys, tag values and field keys escape comma,
@@ -17,20 +18,19 @@ backslash as it is, so the stored text shows where the line breaks were.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from cityflux.model.columns import BOOL_ABSENT, Columns
+from cityflux.model.points import FieldValue, Point, Result, Table
 from cityflux.store.schema import MEASUREMENTS
 
 _MEASUREMENT: Final = str.maketrans({",": r"\,", " ": r"\ "})
 _KEY: Final = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ "})
 _STRING: Final = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r"})
-
-FieldValue = float | int | bool | str
 
 
 def _no_newline(text: str, what: str) -> str:
@@ -84,6 +84,11 @@ def encode_point(
     return f"{escape_measurement(measurement)}{tag_part} {field_part} {int(ts_ns)}"
 
 
+def point_line(point: Point) -> str:
+    """:func:`encode_point` of a :class:`Point`."""
+    return encode_point(point.measurement, point.tags, point.fields, point.ts_ns)
+
+
 # -- columnar batches -------------------------------------------------------------------------
 def _fragments(key: str, column: npt.NDArray[Any]) -> list[str]:
     """``key=value`` per row, '' where the value is absent (NaN, -1 bool, empty string)."""
@@ -126,6 +131,41 @@ def encode_table(
         if present:
             lines.append(f"{prefix} {present} {int(ts_ns)}")
     return lines
+
+
+class TableEncoder:
+    """Analytics results (:class:`Table`, :class:`Point`) as lines. The series prefixes of a
+    table's fixed tag set are built once, keyed by its measurement and ``series``, and the
+    table's row selection is applied to the cached prefixes each time."""
+
+    def __init__(self) -> None:
+        self._series: dict[tuple[str, str], tuple[npt.NDArray[np.object_], list[str]]] = {}
+
+    def prefixes(self, table: Table) -> list[str]:
+        """The series prefix of each selected row of ``table``."""
+        key = (table.measurement, table.series)
+        cached = self._series.get(key)
+        rows = len(next(iter(table.tags.values()), ()))
+        if cached is None or len(cached[1]) != rows:  # a new set, or another map's: rebuilt
+            built = series_prefixes(table.measurement, table.tags)
+            cached = self._series[key] = (np.array(built, dtype=object), built)
+        if table.rows is None:
+            return cached[1]
+        selected: list[str] = cached[0][table.rows].tolist()
+        return selected
+
+    def encode_table(self, table: Table) -> list[str]:
+        return encode_table(self.prefixes(table), table.fields, table.ts_ns)
+
+    def encode(self, results: Iterable[Result]) -> list[str]:
+        """Tables and points, in their order."""
+        lines: list[str] = []
+        for item in results:
+            if isinstance(item, Point):
+                lines.append(point_line(item))
+            else:
+                lines += self.encode_table(item)
+        return lines
 
 
 class BatchEncoder:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import msgspec
 import numpy as np
 
-from cityflux.analytics.engine import AnalyticsEngine
+from cityflux.analytics.engine import AnalyticsEngine, Output
 from cityflux.config import Config
 from cityflux.ingest.decode import BatchDecoder
 from cityflux.ingest.validate import validate
 from cityflux.model.columns import Columns
+from cityflux.model.points import Result
+from cityflux.store.lineprotocol import TableEncoder
 
 T0_MS = 1_795_561_200_000  # 2026-11-25T07:00:00+08:00
 
@@ -25,6 +28,11 @@ def config_in(path: Path) -> Config:
             "ingest.max_past_s": 10**9,
         }
     )
+
+
+def lines_of(out: Output) -> list[str]:
+    """The output's result tables and alert points as the pipeline writes them."""
+    return TableEncoder().encode(out.results)
 
 
 def poles(config: Config, readings: list[tuple[str, int]]) -> dict[str, Columns]:
@@ -90,7 +98,7 @@ def test_a_late_reading_updates_every_sliding_window_that_contains_it(tmp_path: 
     for minute in range(8):
         engine.process(traffic(config, [("det-0001", T0_MS + minute * 60_000, 10)]))
     # det-0002 (the same road) for minute 1 arrives late, within the allowed lateness
-    lines = engine.process(traffic(config, [("det-0002", T0_MS + 60_000, 30)])).lines
+    lines = lines_of(engine.process(traffic(config, [("det-0002", T0_MS + 60_000, 30)])))
     engine.close()
     ends = sorted(
         int(line.rsplit(" ", 1)[1]) // 60_000_000_000 - T0_MS // 60_000
@@ -121,7 +129,7 @@ def test_one_device_clock_ahead_neither_closes_the_minute_nor_makes_readings_too
     assert late.too_late == [] and engine.counts["too_late"] == 0  # 200 s old: on time
     # windows written: only those the honest clocks completed (end <= now + 5 s - 120 s), the
     # 200-s-old reading's among them; not the current minute (was: everything up to now + 180 s)
-    ends = {int(line.rsplit(" ", 1)[1]) for line in out.lines + late.lines
+    ends = {int(line.rsplit(" ", 1)[1]) for line in lines_of(out) + lines_of(late)
             if line.startswith("traffic_segment,")}  # fmt: skip
     assert ends == {(now_ms - 200_000) // 60_000 * 60_000 * 1_000_000 + 60 * 1_000_000_000}
     assert max(ends) <= (now_ms + 5_000 - 120_000) * 1_000_000
@@ -142,22 +150,31 @@ def test_window_results_whose_write_fails_are_kept_and_written_next_time(tmp_pat
     silently. Now they are kept, counted, and delivered with the next results."""
     config = config_in(tmp_path).with_overrides({"analytics.delay_s": 0})
     engine = AnalyticsEngine(config.analytics)
+    encoder = TableEncoder()
     written: list[str] = []
     failed: list[str] = []
     errors: list[int] = []
+    beats: list[int] = []
 
-    def deliver(lines: list[str]) -> None:
+    def deliver(results: list[Result]) -> None:
+        lines = encoder.encode(results)
         if not failed:
             failed.extend(lines)
             raise OSError("injected: the database write failed")
         written.extend(lines)
 
     engine.on_worker_error = lambda: errors.append(1)
-    engine.start_worker(deliver)
+    engine.windows_in_background(deliver)
+    worker = threading.Thread(target=engine.work, args=(lambda: beats.append(1),))
+    worker.start()
     for minute in range(4):
         engine.process(traffic(config, [("det-0001", T0_MS + minute * 60_000, 10)]))
         time.sleep(0.6)  # the worker wakes at least every 0.5 s
+    engine.stop()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
     engine.close()
+    assert len(beats) >= 4  # a beat per round, for the supervisor's watchdog
     assert failed, "nothing was computed: the test proves nothing"
     assert set(failed) <= set(written)
     assert errors == [1]

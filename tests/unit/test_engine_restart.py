@@ -26,7 +26,7 @@ from cityflux.ingest.validate import validate
 from cityflux.model.columns import Columns
 from cityflux.simulators.scenario import load_scenario
 from cityflux.simulators.simulation import Simulation
-from tests.unit.test_engine_edges import T0_MS, poles
+from tests.unit.test_engine_edges import T0_MS, lines_of, poles
 
 START = 1_795_561_200.0  # 2026-11-25T07:00:00+08:00
 
@@ -85,8 +85,8 @@ def test_restart_mid_window_gives_the_same_indices(tmp_path: Path) -> None:
     straight = AnalyticsEngine(config.analytics, city=sim.city)
     lines: list[str] = []
     for batch in work:
-        lines += straight.process(batch).lines
-    lines += straight.flush().lines
+        lines += lines_of(straight.process(batch))
+    lines += lines_of(straight.flush())
     straight.close()
 
     config = config_in(tmp_path / "restarted")
@@ -94,13 +94,13 @@ def test_restart_mid_window_gives_the_same_indices(tmp_path: Path) -> None:
     first = AnalyticsEngine(config.analytics, city=sim.city)
     restarted: list[str] = []
     for batch in work[:half]:
-        restarted += first.process(batch).lines
+        restarted += lines_of(first.process(batch))
     first.close()  # checkpoint; the process ends here
     second = AnalyticsEngine(config.analytics, city=sim.city)
     assert second.traffic.panes  # open windows came back from the checkpoint
     for batch in work[half - 2 :]:  # the broker redelivers the last unacknowledged batches
-        restarted += second.process(batch).lines
-    restarted += second.flush().lines
+        restarted += lines_of(second.process(batch))
+    restarted += lines_of(second.flush())
     second.close()
 
     expected = segment_points(lines)

@@ -47,7 +47,7 @@ def pane(engine: AnalyticsEngine, start: int, rows: dict[str, Array], out: Outpu
     ids = np.array([p.id for p in city.poles], dtype=object)
     district = np.array([p.district for p in city.poles], dtype=object)
     tags = {"device_id": ids.tolist(), "district": district.tolist()}
-    out.lines += e.encoder.pole_lines(result, tags, end)
+    out.results += e.tables.poles(result, tags, end)
     period = "day" if 6 <= local_hour < 22 else "night"
     e.observe(out, Observation(
         "air", end, ids, district, {"aqi": result.aqi},

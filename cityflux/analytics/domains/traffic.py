@@ -19,6 +19,7 @@ from cityflux.analytics.traffic import (
     station_partials,
 )
 from cityflux.model.columns import Columns
+from cityflux.model.points import Table
 
 if TYPE_CHECKING:
     from cityflux.analytics.engine import AnalyticsEngine
@@ -42,7 +43,7 @@ def pane(engine: AnalyticsEngine, start: int, rows: dict[str, Array], first: boo
          out: Output) -> None:  # fmt: skip
     if not rows:
         return
-    e, model, encoder = engine, engine.model, engine.encoder
+    e, model, tables = engine, engine.model, engine.tables
     end = start + e.traffic.pane_ns
     e.station_parts[start] = station_partials(model, rows)
     links = link_indices(model, e.station_parts[start])
@@ -63,14 +64,14 @@ def pane(engine: AnalyticsEngine, start: int, rows: dict[str, Array], first: boo
     if end >= e.latest_end:  # for live views (the demo): replaced whole, never mutated
         e.latest = (end, links, districts)
         e.latest_end = end
-    out.lines += encoder.segment_lines(links, "1m", end)
-    out.lines += encoder.district_lines(districts, "1m", end)
-    out.lines += _sliding_lines(e, end)
+    out.results += tables.segments(links, "1m", end)
+    out.results += tables.districts(districts, "1m", end)
+    out.results += _sliding_tables(e, end)
     if not first:  # a late update also changes the sliding windows emitted after this one
         step = e.traffic.pane_ns
         for later_end in range(end + step, end + e.config.sliding_panes * step, step):
             if later_end - step in e.station_parts:
-                out.lines += _sliding_lines(e, later_end)
+                out.results += _sliding_tables(e, later_end)
     if first:  # rules see each interval once, in order; late updates only rewrite points
         _observe_segments(e, links, districts, end, out)
         # California runs once per interval too
@@ -80,13 +81,13 @@ def pane(engine: AnalyticsEngine, start: int, rows: dict[str, Array], first: boo
         _observe_incidents(e, e.california.step(occupancy), occupancy, end, out)
 
 
-def _sliding_lines(engine: AnalyticsEngine, end: int) -> list[str]:
+def _sliding_tables(engine: AnalyticsEngine, end: int) -> list[Table]:
     """The sliding window ending at ``end``: the last ``sliding_panes`` panes' partials."""
     step = engine.traffic.pane_ns
     starts = range(end - engine.config.sliding_panes * step, end, step)
     window = [engine.station_parts[s] for s in starts if s in engine.station_parts]
     sliding = link_indices(engine.model, add_partials(window))
-    return engine.encoder.segment_lines(sliding, "5m", end) + engine.encoder.district_lines(
+    return engine.tables.segments(sliding, "5m", end) + engine.tables.districts(
         rollup(engine.model, sliding), "5m", end
     )
 
