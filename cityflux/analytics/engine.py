@@ -47,7 +47,13 @@ from cityflux.analytics.domains import poles as poles_domain
 from cityflux.analytics.domains import traffic as traffic_domain
 from cityflux.analytics.environment import ManholeState
 from cityflux.analytics.results import Output, ResultTables, TooLate, alert_point
-from cityflux.analytics.traffic import California, CaliforniaThresholds, LinkIndices, Rollup
+from cityflux.analytics.traffic import (
+    California,
+    CaliforniaThresholds,
+    LinkIndices,
+    Rollup,
+    TrafficView,
+)
 from cityflux.analytics.windows import Pane, PaneBuffer, Watermark
 from cityflux.config import AnalyticsConfig
 from cityflux.model.citymap import CityMap
@@ -286,6 +292,16 @@ class AnalyticsEngine:
             out.results.append(alert_point(alert, self.model.position(alert.entity)))
             if self.notify is not None:
                 self.notify(alert)
+
+    def latest_traffic(self) -> TrafficView | None:
+        """The last closed minute's traffic indices, or None before the first."""
+        with self._emit_lock:
+            latest = self.latest
+        if latest is None:
+            return None
+        end, links, rollup = latest
+        m = self.model
+        return TrafficView(end, m.district_ids, m.link_segment, m.link_direction, links, rollup)
 
     def acknowledge(self, alert_id: int, by: str) -> tuple[Alert | None, list[Point]]:
         alert = self.alerts.acknowledge(alert_id, by)

@@ -209,6 +209,18 @@ def rollup(model: CityModel, link: LinkIndices) -> Rollup:
 
 
 @dataclass(frozen=True, slots=True)
+class TrafficView:
+    """The last closed minute's indices with the names to show them by (the demo's view)."""
+
+    end_ns: int
+    district_ids: list[str]  # the rollup's rows, then "city"
+    link_segment: list[str]
+    link_direction: list[str]
+    links: LinkIndices
+    rollup: Rollup
+
+
+@dataclass(frozen=True, slots=True)
 class CaliforniaThresholds:
     occdf_pct: float = 8.0  # T1: occupancy difference, percentage points
     occrdf: float = 0.5  # T2: relative occupancy difference

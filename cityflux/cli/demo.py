@@ -200,20 +200,18 @@ def _view(state: DemoState) -> Group:
 
 
 def _analytics_view(state: DemoState) -> list[Table]:
-    analytics = state.pipeline.analytics
-    if analytics is None:
+    if state.pipeline.analytics is None:
         return []
-    engine = analytics.engine
     tpi = Table(title="congestion (GB/T 33171 TPI, last minute)")
     for column in ("district", "TPI", "level", "congested length", "CV"):
         tpi.add_column(column, justify="right")
     top = Table(title="most congested segments")
     for column in ("segment", "direction", "TPI", "speed km/h", "LOS"):
         top.add_column(column, justify="right")
-    latest = engine.latest
+    latest = state.pipeline.latest_traffic()
     if latest is not None:
-        _, links, rollup = latest
-        names = [*engine.model.district_ids, "city"]
+        links, rollup = latest.links, latest.rollup
+        names = [*latest.district_ids, "city"]
         for i, name in enumerate(names):
             value = rollup.tpi[i]
             if not np.isnan(value):
@@ -223,7 +221,7 @@ def _analytics_view(state: DemoState) -> list[Table]:
         order = np.argsort(-np.nan_to_num(links.tpi, nan=-1.0))[:5]
         for i in order.tolist():
             if not np.isnan(links.tpi[i]):
-                top.add_row(engine.model.link_segment[i], engine.model.link_direction[i],
+                top.add_row(latest.link_segment[i], latest.link_direction[i],
                             f"{links.tpi[i]:.1f}", f"{links.speed_kmh[i]:.0f}",
                             str(links.los[i]))  # fmt: skip
     alerts = Table(title=f"active alerts ({len(state.active)})")

@@ -103,10 +103,8 @@ def execute(config: Config, sim: Simulation, speed: float = math.inf) -> dict[st
         summary = run_simulation(sim, config.mqtt, speed)
         pipeline.drain(timeout_s=300, at_least=summary.messages)
         pipeline.stop_running()
-        if pipeline.analytics is not None:  # the end of the run: close every window
-            pipeline.sink.write(pipeline.analytics.flush())
-        alerts = pipeline.analytics.engine.alerts.store.select() if pipeline.analytics else []
-        return figures(config, sim, summary, alerts)
+        pipeline.finish_windows()  # the end of the run: close every window
+        return figures(config, sim, summary, pipeline.alert_history())
 
 
 def figures(

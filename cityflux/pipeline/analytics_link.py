@@ -17,6 +17,7 @@ import numpy as np
 
 from cityflux.analytics.alerts import Alert
 from cityflux.analytics.engine import AnalyticsEngine, TooLate, alert_point
+from cityflux.analytics.traffic import TrafficView
 from cityflux.config import Config
 from cityflux.errors import StoreError
 from cityflux.model.columns import Columns, Rejection
@@ -135,6 +136,13 @@ class AnalyticsLink:
             lines += self.encode(points)
             self._publish_one(alert)
         return lines
+
+    def alert_history(self) -> list[Alert]:
+        """Every alert in the alert database, oldest first."""
+        return self.engine.alerts.store.select()
+
+    def latest_traffic(self) -> TrafficView | None:
+        return self.engine.latest_traffic()
 
     def topic(self, alert: Alert) -> str:
         return f"{self.alert_root}/{alert.district or '-'}/{alert.rule}/{alert.entity}"

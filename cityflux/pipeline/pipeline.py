@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cityflux.analytics.alerts import Alert
+from cityflux.analytics.traffic import TrafficView
 from cityflux.config import Config
 from cityflux.errors import StoreError
 from cityflux.ingest.deadletter import DeadLetterFactory
@@ -322,6 +323,21 @@ class Pipeline:
         stuck = self.supervisor.join(timeout_s=10)
         if stuck:
             log.warning("threads still running at close: %s", ", ".join(stuck))
+
+    # -- the analytics, for the CLI ---------------------------------------------------------
+    def finish_windows(self) -> None:
+        """Close every open analytics window now and store its results durably: the end of a
+        simulated run (a live city's windows close as event time moves on)."""
+        if self.analytics is not None:
+            self.committer.write_derived(self.analytics.flush())
+
+    def alert_history(self) -> list[Alert]:
+        """Every alert so far, oldest first (none with the analytics off)."""
+        return self.analytics.alert_history() if self.analytics is not None else []
+
+    def latest_traffic(self) -> TrafficView | None:
+        """The last closed minute's traffic indices (None with the analytics off)."""
+        return self.analytics.latest_traffic() if self.analytics is not None else None
 
     # -- one batch ------------------------------------------------------------------------
     def commit(self, batch: MessageBatch, outcome: BatchOutcome) -> bool:
