@@ -23,6 +23,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cityflux.model.citymap import CityMap
+from cityflux.model.devices import number_devices
 
 KIND_CODES = ("pole", "manhole", "traffic")
 # The field each measurement is counted by: every good reading of that kind carries it.
@@ -45,15 +46,16 @@ class Devices:
 
     @classmethod
     def of(cls, city: CityMap, root: str) -> Devices:
+        numbers = number_devices(city)  # the order the simulator and the analytics use
         lanes_of = {d.id: d.lanes for d in city.detectors}
-        kinds, lanes, ids, topics = [], [], [], []
-        for kind, members in city.devices_by_kind().items():
-            for device, district in members:
-                kinds.append(KIND_CODES.index(kind))
-                lanes.append(lanes_of.get(device, 1))
-                ids.append(device)
-                topics.append(f"{root}/{district}/{kind}/{device}")
-        return cls(np.array(kinds, np.int8), np.array(lanes, np.int16), ids, topics)
+        kinds = [KIND_CODES.index(kind) for kind in numbers.kind]
+        lanes = [
+            lanes_of[device] if kind == "traffic" else 1
+            for kind, device in zip(numbers.kind, numbers.ids, strict=True)
+        ]
+        return cls(
+            np.array(kinds, np.int8), np.array(lanes, np.int16), numbers.ids, numbers.topics(root)
+        )
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -17,7 +17,10 @@ from cityflux.store.influx import InfluxWriter
 # cityflux.dashboards needs the [dashboards] extra: imported inside the commands, after require()
 DirectoryOption = Annotated[
     Path | None,
-    typer.Option(help="dashboard JSON files (default: deploy/grafana/dashboards/)"),
+    typer.Option(
+        help="a directory of dashboard JSON files (default: the generator's dashboards, the "
+        "same as deploy/grafana/dashboards/)"
+    ),
 ]
 
 dashboards_app = typer.Typer(
@@ -30,14 +33,17 @@ app.add_typer(dashboards_app, name="dashboards")
 def generate(
     out: Annotated[
         Path | None,
-        typer.Option(help="where the JSON files go (default: deploy/grafana/dashboards/)"),
+        typer.Option(
+            help="where the JSON files go (default: deploy/grafana/dashboards/ under the "
+            "current directory, a checkout's committed copy)"
+        ),
     ] = None,
     check: Annotated[
         bool, typer.Option("--check", help="only compare the files with the generator")
     ] = False,
 ) -> None:
-    """Write every dashboard's JSON (deploy/grafana/dashboards/ by default), or with --check
-    fail if the files there are not what the generator makes."""
+    """Write every dashboard's JSON (to deploy/grafana/dashboards/ under the current directory
+    by default), or with --check fail if the files there are not what the generator makes."""
     require("dashboards")
     from cityflux.dashboards import catalog
 
@@ -71,7 +77,6 @@ def verify_command(
     from cityflux.dashboards import catalog
     from cityflux.dashboards.verify import Check, verify
 
-    directory = directory or catalog.DEFAULT_DIR
     loaded = load_or_exit(config)
     end = until_ns or time.time_ns()
     start = end - round(since * 3600e9)
@@ -79,8 +84,8 @@ def verify_command(
     floor = min_interval or max(1, round(loaded.metrics.health_interval_s))
     checks: list[Check] = []
     try:
-        for path in sorted(directory.glob("*.json")):
-            checks += verify(influx, path.name, catalog.load(path), start, end, floor)
+        for name, dashboard in catalog.dashboards(directory).items():
+            checks += verify(influx, name, dashboard, start, end, floor)
     except CityfluxError as exc:
         console.print(f"[red]cannot query InfluxDB:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -119,9 +124,8 @@ def push_command(
     from cityflux.dashboards import catalog
     from cityflux.dashboards.push import PushError, connect, datasource, push
 
-    directory = directory or catalog.DEFAULT_DIR
     loaded = load_or_exit(config)
-    dashboards = {p.name: catalog.load(p) for p in sorted(directory.glob("*.json"))}
+    dashboards = catalog.dashboards(directory)
     if not dashboards:
         console.print(f"[red]no dashboards in {directory}[/]")
         raise typer.Exit(2)

@@ -1,7 +1,9 @@
 """Every dashboard cityflux ships, rendered to the JSON files in deploy/grafana/dashboards/.
 
 The JSON is generated, committed, and checked against this generator (``cityflux dashboards
-generate --check``, and a test), so what Grafana provisions is always what this code says."""
+generate --check``, and a test), so what Grafana provisions is always what this code says.
+Installed cityflux has no deploy/ tree and needs none: the dashboards are rendered from this
+code wherever no directory of JSON files is given (:func:`dashboards`)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,10 @@ DASHBOARDS: dict[str, Callable[[], dash.Dashboard]] = {
     "alerts.json": alerts.build,
     "pipeline.json": pipeline.build,
 }
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards"
+# The committed copy Grafana provisions from, relative to the working directory: where
+# `cityflux dashboards generate [--check]` writes and looks by default, run from a checkout's
+# root as `make` and docs/dashboards.md do (an installed cityflux has no deploy/ tree).
+DEFAULT_DIR = Path("deploy") / "grafana" / "dashboards"
 
 
 def render(builder: Callable[[], dash.Dashboard]) -> str:
@@ -69,6 +74,14 @@ def stale(directory: Path = DEFAULT_DIR) -> list[str]:
 def load(path: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return data
+
+
+def dashboards(directory: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every dashboard by file name, in name order: the ``*.json`` files in ``directory``, or
+    without one what the generator renders (the same JSON as the committed files)."""
+    if directory is None:
+        return {name: json.loads(text) for name, text in sorted(render_all().items())}
+    return {path.name: load(path) for path in sorted(directory.glob("*.json"))}
 
 
 def parse(data: dict[str, Any]) -> dashboard.Dashboard:
