@@ -145,7 +145,7 @@ def _measure(config, city, scenario, speed, probes, process) -> dict[str, float]
     # this process's probes and timestamps
     scenario_file = Path(config.spool.dir).parent / "load.toml"
     scenario_file.write_text(
-        (ROOT / "scenarios" / "normal-weekday.toml")
+        (ROOT / "cityflux" / "simulators" / "scenarios" / "normal-weekday.toml")
         .read_text()
         .replace("[traffic]", "[publish]\nbirths = false\n\n[traffic]")
     )

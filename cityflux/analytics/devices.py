@@ -8,29 +8,24 @@ import numpy as np
 import numpy.typing as npt
 
 from cityflux.model.citymap import CityMap
+from cityflux.model.devices import number_devices
 
 Array = npt.NDArray[Any]
 
 
 class DeviceIndex:
-    """Every device of the map, numbered poles, then manholes, then detectors."""
+    """Every device of the map as numbered by :func:`cityflux.model.devices.number_devices`
+    (the simulator's numbering too), with a lookup from device id per kind."""
 
     def __init__(self, city: CityMap) -> None:
-        groups = city.devices_by_kind()
-        self.offset: dict[str, int] = {}
-        ids: list[str] = []
-        districts: list[str] = []
-        kinds: list[str] = []
-        self._index: dict[str, dict[str, int]] = {}
-        for kind, members in groups.items():
-            self.offset[kind] = len(ids)
-            self._index[kind] = {device: i for i, (device, _) in enumerate(members)}
-            ids += [m[0] for m in members]
-            districts += [m[1] for m in members]
-            kinds += [kind] * len(members)
-        self.ids = np.array(ids, dtype=object)
-        self.district = np.array(districts, dtype=object)
-        self.kind = np.array(kinds, dtype=object)
+        numbers = number_devices(city)
+        self.offset: dict[str, int] = numbers.offset
+        self.ids = np.array(numbers.ids, dtype=object)
+        self.district = np.array(numbers.district, dtype=object)
+        self.kind = np.array(numbers.kind, dtype=object)
+        self._index: dict[str, dict[str, int]] = {kind: {} for kind in numbers.offset}
+        for number, (kind, device) in enumerate(zip(numbers.kind, numbers.ids, strict=True)):
+            self._index[kind][device] = number - numbers.offset[kind]
 
     def index_of(self, kind: str) -> dict[str, int]:
         return self._index[kind]

@@ -35,7 +35,7 @@ COUNTED = {"pole": "noise_dba", "manhole": "battery_pct", "traffic": "occupancy_
 
 @scenario_app.command("list")
 def list_command() -> None:
-    """The scenarios shipped in scenarios/."""
+    """The scenarios shipped with cityflux (cityflux/simulators/scenarios/)."""
     for name in list_scenarios():
         typer.echo(name)
 

@@ -1,4 +1,4 @@
-"""Scenario files (``scenarios/*.toml``, documented in docs/simulators.md).
+"""Scenario files (``cityflux/simulators/scenarios/*.toml``, documented in docs/simulators.md).
 
 A scenario says which city (a map file or a generated one), when the simulated day starts and
 how long it runs, the reporting intervals, the traffic demand, and the events and faults that
@@ -19,7 +19,7 @@ from cityflux.errors import ConfigError
 from cityflux.simulators.citygen import CitySpec
 from cityflux.simulators.traffic import DemandProfile
 
-SCENARIO_DIR = Path(__file__).resolve().parent.parent.parent / "scenarios"
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"  # package data: found when installed
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -142,7 +142,7 @@ class Scenario(_Section, frozen=True, kw_only=True):
 
 
 def load_scenario(name_or_path: str | Path, overrides: dict[str, object] | None = None) -> Scenario:
-    """A scenario by file path or by name in ``scenarios/``.
+    """A scenario by file path or by name in ``cityflux/simulators/scenarios/``.
 
     ``overrides`` set dotted keys, e.g. ``{"clock.duration_s": 600}``.
     """

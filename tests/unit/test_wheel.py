@@ -20,6 +20,7 @@ PACKAGE_DATA = {
     "cityflux/py.typed",
     "cityflux/analytics/city-map.json",  # the default city map (analytics/citymapfile.py)
     "cityflux/analytics/rules.toml",  # the alert rules (analytics/alerts.py)
+    "cityflux/simulators/scenarios/rush-hour-incident.toml",  # the named scenarios
 }
 
 # Run inside the unpacked wheel, from a directory with no checkout in it.
@@ -30,6 +31,7 @@ import cityflux
 from cityflux.analytics.citymapfile import load_configured_map
 from cityflux.config import Config
 from cityflux.dashboards import catalog
+from cityflux.simulators.scenario import list_scenarios, load_scenario
 city = load_configured_map(Config().analytics.city_map)
 rules = resources.files("cityflux.analytics").joinpath("rules.toml").read_text()
 print(json.dumps({
@@ -37,6 +39,8 @@ print(json.dumps({
     "map": [city.name, len(city.poles), len(city.manholes), len(city.detectors)],
     "rules": len(rules),
     "dashboards": catalog.dashboards(),  # what `dashboards push|verify` use by default
+    "scenarios": list_scenarios(),
+    "incident": load_scenario("rush-hour-incident").name,
 }))
 """
 
@@ -84,6 +88,11 @@ def test_an_installed_wheel_finds_its_data_and_renders_the_dashboards(tmp_path: 
         shipped.name, len(shipped.poles), len(shipped.manholes), len(shipped.detectors)
     ]  # fmt: skip
     assert found["rules"] == len((ROOT / "cityflux/analytics/rules.toml").read_text())
+    shipped_scenarios = sorted(
+        p.stem for p in (ROOT / "cityflux/simulators/scenarios").glob("*.toml")
+    )
+    assert found["scenarios"] == shipped_scenarios and len(shipped_scenarios) == 6
+    assert found["incident"] == "rush-hour-incident"
     committed = ROOT / "deploy" / "grafana" / "dashboards"
     expected = {p.name: p.read_bytes() for p in committed.glob("*.json")}
     assert len(expected) == 6
