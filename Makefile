@@ -23,11 +23,11 @@ check: ## lint, type-check, and the layers contract (import-linter)
 	.venv/bin/mypy
 	.venv/bin/lint-imports
 
-bench: ## ingest benchmark: mosquitto_sub ceiling vs naive script vs cityflux
+bench: ## ingest benchmark (shipped settings, every point counted): ratio table + bench/results/ingest-*.json
 	@scripts/bootstrap.sh
 	.venv/bin/python -m bench.ingest
 
-bench-simulate: ## simulator and replay throughput against mosquitto_pub
+bench-simulate: ## simulator and replay vs mosquitto_pub and paho, every message counted: bench/results/simulate-*.json
 	@scripts/bootstrap.sh
 	.venv/bin/python -m bench.simulate
 
