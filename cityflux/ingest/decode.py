@@ -331,7 +331,7 @@ def _build_columns(kind: str, rows: _KindRows, now_ns: int, rejections: list[Rej
         columns.fields[spec.name] = _column(spec, list(map(attrgetter(spec.name), readings)))
     present = _present_fields(columns)
     rows.keys = rows.keys + present
-    keep &= _has_measurements(columns, present, rejections)
+    keep &= _has_measurements(columns, present, keep, rejections)
     return columns.select(keep)
 
 
@@ -410,10 +410,16 @@ def _present_fields(columns: Columns) -> npt.NDArray[np.int64]:
 
 
 def _has_measurements(
-    columns: Columns, present: npt.NDArray[np.int64], rejections: list[Rejection]
+    columns: Columns,
+    present: npt.NDArray[np.int64],
+    keep: npt.NDArray[np.bool_],
+    rejections: list[Rejection],
 ) -> npt.NDArray[np.bool_]:
+    """Rows with at least one measurement; an empty row already rejected (``keep`` False,
+    e.g. a mismatched claim) is not rejected a second time: one dead letter per reading."""
     empty: npt.NDArray[np.bool_] = present == 0
-    _reject_rows(columns, empty, Reason.SCHEMA, "reading carries no measurement field", rejections)
+    message = "reading carries no measurement field"
+    _reject_rows(columns, empty & keep, Reason.SCHEMA, message, rejections)
     return ~empty
 
 
