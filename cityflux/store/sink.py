@@ -79,11 +79,15 @@ class DurableSink:
         self._appended.set()
         return SinkResult(spooled=count)
 
-    def _bisect(self, lines: list[str], error: str) -> SinkResult:
+    def _bisect(self, lines: list[str], error: str, draining: bool = False) -> SinkResult:
         """Find the lines the database refuses by halving; write or spool the rest.
 
         Re-sending lines that a partial write already stored is harmless (same series and
-        timestamp overwrite themselves), so halves are simply sent again.
+        timestamp overwrite themselves), so halves are simply sent again. Order holds through
+        an outage in the middle: on the ingest side, once one half is spooled the later halves
+        go behind it; while draining, the outage ends the bisection and the record stays at
+        the head of the spool, to be retried whole (its refused lines may then be reported
+        twice: dead letters are at least once).
         """
         if len(lines) == 1:
             return SinkResult(rejected=[(lines[0], error)])
@@ -91,13 +95,18 @@ class DurableSink:
         middle = len(lines) // 2
         for half in (lines[:middle], lines[middle:]):
             body = self.writer.encode_body(half)
+            if not draining and not self.spool.empty:
+                result.add(self._to_spool(body, len(half)))
+                continue
             try:
                 self.writer.send_with_retry(body, self.writer.gzip)
                 self.metrics.lines_written.inc(len(half))
                 result.written += len(half)
             except WriteRejected as exc:
-                result.add(self._bisect(half, exc.message))
+                result.add(self._bisect(half, exc.message, draining))
             except WriteRetryable:
+                if draining:
+                    raise
                 result.add(self._to_spool(body, len(half)))
         return result
 
@@ -130,7 +139,11 @@ class DurableSink:
             self._mark_database(False)
             return False
         except WriteRejected as exc:
-            self._drain_rejected(record, exc.message)
+            try:
+                self._drain_rejected(record, exc.message)
+            except WriteRetryable:  # the database went away mid-bisection: retried whole
+                self._mark_database(False)
+                return False
         else:
             self.metrics.lines_written.inc(_line_count(record))
         self._mark_database(True)
@@ -139,7 +152,7 @@ class DurableSink:
         return True
 
     def _drain_rejected(self, record: SpoolRecord, error: str) -> None:
-        result = self._bisect(_lines(record), error)
+        result = self._bisect(_lines(record), error, draining=True)
         if result.rejected and self.on_rejected is not None:
             self.on_rejected(result.rejected)
 

@@ -39,6 +39,8 @@ class FakeWriter(InfluxWriter):
         self.stored: list[str] = []  # lines the fake database accepted, in arrival order
         self.attempts = 0
         self.down_after_refusal = False  # the database refuses a body, then goes away
+        self.outage_after_refusal = 0  # ... or goes away for this many sends only
+        self._outage = 0
         self.closed = False
         self.close_error: Exception | None = None
         self._lock = threading.Lock()  # the ingest (test) and the drain thread both send
@@ -49,11 +51,15 @@ class FakeWriter(InfluxWriter):
             self.attempts += 1
             if not self.up:
                 raise WriteRetryable("connection refused (fake)")
+            if self._outage > 0:
+                self._outage -= 1
+                raise WriteRetryable("connection reset (fake, brief)")
             lines = text.split("\n")
             for line in lines:
                 if any(marker in line for marker in self.refuse):
                     if self.down_after_refusal:
                         self.up = False
+                    self._outage = self.outage_after_refusal
                     raise WriteRejected(400, f"unable to parse '{line}': bad field (fake)")
             self.stored += lines
 
@@ -332,3 +338,49 @@ def test_close_closes_the_spool_even_if_the_writer_raises(tmp_path: Path) -> Non
     with pytest.raises(SpoolError, match="closed"):
         sink.spool.peek()
     Spool(tmp_path, 1_000).close()  # and the file is free for the next process
+
+
+def test_an_outage_in_the_middle_of_a_bisection_keeps_the_order(tmp_path: Path) -> None:
+    """The first half is spooled (the database went away for its retries), the database is
+    back for the second: the second must go behind the first, not ahead of it."""
+    sink, writer, _ = make_sink(tmp_path)
+    writer.outage_after_refusal = writer.config.max_retries + 1  # every try of the first half
+    batch = lines("a", 4)
+    batch[0] = batch[0].replace("v=", f"{BAD}=")
+    result = sink.write(batch)
+    assert (result.written, result.spooled) == (0, 4)
+    assert writer.stored == []  # before the fix: the second half, written ahead of the first
+    writer.outage_after_refusal = 0
+    reported: list[RejectedLines] = []
+    sink.on_rejected = reported.append
+    sink.write(lines("b", 2))  # newer, behind both halves
+    while sink.drain_once():
+        pass
+    assert [line for line, _ in reported[0]] == [batch[0]]
+    assert writer.stored == batch[1:] + lines("b", 2)
+
+
+def test_an_outage_while_bisecting_a_drained_record_leaves_it_at_the_head(tmp_path: Path) -> None:
+    sink, writer, _ = make_sink(tmp_path)
+    writer.up = False
+    batch = lines("a", 4)
+    batch[2] = batch[2].replace("v=", f"{BAD}=")
+    sink.write(batch)
+    sink.write(lines("b", 2))
+    assert len(sink.spool) == 2
+    writer.up, writer.outage_after_refusal = True, writer.config.max_retries + 1
+    reported: list[RejectedLines] = []
+    sink.on_rejected = reported.append
+    assert sink.drain_once() is False  # refused, then gone mid-bisection: not committed
+    assert len(sink.spool) == 2 and oldest_lines(sink.spool) == batch
+    writer.outage_after_refusal = 0
+    while sink.drain_once():
+        pass
+    # before the fix: the record's halves went to the end of the spool, behind "b"
+    assert writer.stored[-2:] == lines("b", 2)
+    assert [line for line, _ in reported[-1]] == [batch[2]]
+    assert [line for line in writer.stored if "batch=a" in line][-3:] == [
+        batch[0],
+        batch[1],
+        batch[3],
+    ]
