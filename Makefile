@@ -15,7 +15,7 @@ test:  ## set up, then run the whole test suite against real servers
 
 test-unit: ## the fast inner loop: unit tests only, no servers and no apt (about 30 s)
 	@scripts/bootstrap.sh --python-only
-	.venv/bin/pytest -q tests/unit
+	CITYFLUX_TEST_FAST=1 .venv/bin/pytest -q tests/unit
 
 check: ## lint, type-check, and the layers contract (import-linter)
 	.venv/bin/ruff check .

@@ -181,3 +181,9 @@ def v2_overrides(victoria: LocalVictoriaMetrics) -> dict[str, object]:
         "influx.org": "ops",
         "metrics.health_interval_s": 0,
     }
+
+
+def examples(full: int) -> int:
+    """Hypothesis examples for a property test: ``full`` in the whole suite (CI), a tenth in
+    the fast inner loop (``make test-unit`` sets CITYFLUX_TEST_FAST=1)."""
+    return max(20, full // 10) if os.environ.get("CITYFLUX_TEST_FAST") else full

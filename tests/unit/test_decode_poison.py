@@ -20,6 +20,7 @@ from cityflux.ingest.validate import validate
 from cityflux.model.columns import Decoded
 from cityflux.model.contract import Reason
 from cityflux.store.lineprotocol import BatchEncoder
+from tests.support import examples
 
 NOW_NS = time.time_ns()
 NOW_MS = NOW_NS // 1_000_000
@@ -285,7 +286,7 @@ def write(pairs: list[tuple[str, Any]], space: str) -> str:
     return "{" + f",{space}".join(f"{json.dumps(k)}:{space}{json.dumps(v)}" for k, v in pairs) + "}"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     st.lists(st.tuples(pole_objects(), st.sampled_from(["", " ", "\n"])), min_size=1, max_size=8)
 )
@@ -417,7 +418,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(
     st.lists(
         st.tuples(

@@ -19,6 +19,7 @@ from cityflux.model.columns import BOOL_ABSENT, Columns
 from cityflux.model.contract import KIND_FIELDS
 from cityflux.store.lineprotocol import BatchEncoder, number_text
 from cityflux.store.schema import MEASUREMENTS
+from tests.support import examples
 
 
 # -- the reference: BatchEncoder and _fragments as they were before issue 11, frozen --------
@@ -203,7 +204,7 @@ def columns_of_every_kind(draw: st.DrawFn, tag_text: st.SearchStrategy[str] = TA
 
 
 # -- the properties -------------------------------------------------------------------------
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.lists(columns_of_every_kind(), min_size=1, max_size=4))
 def test_batches_encode_byte_identical_to_the_reference(batches: list[Columns]) -> None:
     new, reference = BatchEncoder(), ReferenceBatchEncoder()
@@ -214,7 +215,7 @@ def test_batches_encode_byte_identical_to_the_reference(batches: list[Columns]) 
         assert "\n".join(got).encode() == "\n".join(expected).encode()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(FLOATS, min_size=1, max_size=40))
 def test_float_text_is_python_repr(values: list[float]) -> None:
     """Shortest round-trip digits, and repr's notation: exponent below 1e-4 and from 1e16 on
@@ -227,7 +228,7 @@ def test_float_text_is_python_repr(values: list[float]) -> None:
             assert float(written) == value
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(INT64, min_size=1, max_size=40))
 def test_int_text_is_python_str(values: list[int]) -> None:
     assert number_text(np.array(values, np.int64)) == [str(v) for v in values]

@@ -31,9 +31,10 @@ from cityflux.mqtt.control import (
     suback_codes,
 )
 from cityflux.mqtt.oversize import OversizedPayload
+from tests.support import examples
 
 FUZZ = settings(
-    max_examples=300,
+    max_examples=examples(300),
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -17,6 +17,7 @@ from cityflux.model.contract import KIND_FIELDS, KINDS, Reason
 from cityflux.model.messages import MessageBatch
 from cityflux.observability import Metrics
 from cityflux.pipeline.transform import BatchOutcome, Transform
+from tests.support import examples
 
 # the examples of docs/contract.md are from 2026-11-25 (epoch ms 1795570800000 on): "now" is a
 # few minutes later, so all of them are inside the accepted time window
@@ -204,7 +205,7 @@ MESSAGES = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(MESSAGES)
 def test_every_message_is_accepted_or_dead_lettered_exactly_once(
     messages: list[tuple[str, bool, tuple[str, bytes]]],
