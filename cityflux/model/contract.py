@@ -118,7 +118,7 @@ Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 Timestamp = int | str | None
 
 
-class _Common(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class _Common(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     ts: Timestamp = None  # int: epoch milliseconds; str: RFC 3339
     ts_ns: int | None = None  # epoch nanoseconds
     device_id: str | None = None  # optional; must equal the topic's
@@ -130,21 +130,21 @@ def _optional_fields(specs: tuple[FieldSpec, ...]) -> list[tuple[str, Any, Any]]
 
 
 PoleReading: Any = msgspec.defstruct(
-    "PoleReading", _optional_fields(POLE_FIELDS), bases=(_Common,), frozen=True
+    "PoleReading", _optional_fields(POLE_FIELDS), bases=(_Common,), frozen=True, gc=False
 )
 ManholeReading: Any = msgspec.defstruct(
-    "ManholeReading", _optional_fields(MANHOLE_FIELDS), bases=(_Common,), frozen=True
+    "ManholeReading", _optional_fields(MANHOLE_FIELDS), bases=(_Common,), frozen=True, gc=False
 )
 
 
-class Lane(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class Lane(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     lane: Int64
     count: Int64
     occupancy_pct: float
     speed_kmh: float | None = None
 
 
-class TrafficReading(_Common, frozen=True, kw_only=True):
+class TrafficReading(_Common, frozen=True, kw_only=True, gc=False):
     interval_s: Int64
     lanes: list[Lane]
 

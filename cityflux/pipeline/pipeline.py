@@ -13,6 +13,7 @@ after the sink made it durable and the broker confirmed its dead letters.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import queue
 import threading
@@ -151,6 +152,10 @@ class Pipeline:
         )
         if self.broker_stats is not None:
             self.broker_stats.start(self.supervisor.start_thread)
+        # What start-up built (modules, the city model, caches) lives as long as the process:
+        # out of the collector's sight, so that the collections the hot path's allocations
+        # trigger do not walk it again and again (docs/performance.md, "Garbage collection")
+        gc.freeze()
         self.source.start(wait_connected_s)
 
     def _prepare_database(self) -> None:
