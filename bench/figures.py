@@ -104,6 +104,9 @@ class ChildRun:
     cpu_s: float
     peak_rss_mb: float | None  # None: it exited before it was sampled
     stdout: str
+    # from the moment ``started()`` first held to done: the steady state, start-up left out
+    steady_seconds: float | None = None
+    steady_cpu_s: float | None = None
 
 
 def run_child(
@@ -112,13 +115,15 @@ def run_child(
     *,
     env: dict[str, str] | None = None,
     done: Callable[[], bool] | None = None,
+    started: Callable[[], bool] | None = None,
     timeout_s: float = 1_800.0,
     keep_stdout: bool = True,
 ) -> ChildRun:
     """Run ``command`` until ``done()`` is true (then stop it), or, without ``done``, until it
     exits (a non-zero exit raises). CPU comes from /proc when we stop it and from wait4's
     rusage when it exits by itself; peak RSS is VmHWM sampled every 50 ms (a process that
-    lives less than that may show 0); stderr goes to ``log``."""
+    lives less than that may show 0); stderr goes to ``log``. With ``started`` (e.g. its first
+    message received), the time and CPU from then to done are the steady state too."""
     out = log.with_suffix(".out")
     with log.open("wb") as err, out.open("wb") as stdout:
         start = time.monotonic()
@@ -130,8 +135,11 @@ def run_child(
             stderr=err,
         )
     pid, rss, cpu = process.pid, 0.0, 0.0
+    began: tuple[float, float] | None = None  # (time, cpu) when started() first held
     try:
         while True:
+            if started is not None and began is None and started():
+                began = (time.monotonic(), cpu_seconds(pid))
             if done is not None and done():
                 seconds, cpu = time.monotonic() - start, cpu_seconds(pid)
                 rss = max(rss, peak_rss_mb(pid, command))
@@ -159,7 +167,10 @@ def run_child(
                 process.kill()
                 process.wait(5)
     text = out.read_text(errors="replace") if keep_stdout else ""
-    return ChildRun(seconds, cpu, rss or None, text)
+    if began is None:
+        return ChildRun(seconds, cpu, rss or None, text)
+    steady = (start + seconds - began[0], cpu - began[1])
+    return ChildRun(seconds, cpu, rss or None, text, *steady)
 
 
 def per_100k(cpu_s: float, messages: int) -> float:
