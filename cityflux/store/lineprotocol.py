@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import repeat
+from itertools import compress, repeat
 from typing import Any, Final
 
 import msgspec
@@ -92,24 +92,6 @@ def point_line(point: Point) -> str:
 
 
 # -- columnar batches -------------------------------------------------------------------------
-def _fragments(key: str, column: npt.NDArray[Any]) -> list[str]:
-    """``key=value`` per row, '' where the value is absent (NaN, -1 bool, empty string)."""
-    if column.dtype == np.bool_:
-        return [f"{key}=true" if value else f"{key}=false" for value in column.tolist()]
-    if column.dtype == object or column.dtype.kind == "U":
-        return [f"{key}={escape_string_field(str(v))}" if v else "" for v in column.tolist()]
-    if column.dtype == np.float64:
-        present = (~np.isnan(column)).tolist()
-        return [
-            f"{key}={value!r}" if ok else ""
-            for value, ok in zip(column.tolist(), present, strict=True)
-        ]
-    if column.dtype == np.int8:
-        table = {1: f"{key}=true", 0: f"{key}=false", BOOL_ABSENT: ""}
-        return [table[value] for value in column.tolist()]
-    return [f"{key}={value}i" for value in column.tolist()]
-
-
 def series_prefixes(measurement: str, tags: Mapping[str, Sequence[str]]) -> list[str]:
     """``measurement,tag=value,...`` per row (tags sorted, empty values dropped). Results of
     the same entities repeat every window: callers cache these."""
@@ -125,14 +107,23 @@ def encode_table(
     prefixes: Sequence[str], fields: Mapping[str, npt.NDArray[Any]], ts_ns: int
 ) -> list[str]:
     """One line per row of a table of results (analytics output), given each row's series
-    prefix; rows with no field present are skipped, NaN fields are left out."""
-    fragments = [_fragments(escape_key(name), column) for name, column in fields.items()]
-    lines = []
-    for prefix, row in zip(prefixes, zip(*fragments, strict=True), strict=True):
-        present = ",".join(filter(None, row))
-        if present:
-            lines.append(f"{prefix} {present} {int(ts_ns)}")
-    return lines
+    prefix; rows with no field present are skipped, NaN fields are left out. Column at a
+    time, as :class:`BatchEncoder` (defined below; called at run time)."""
+    rows = len(prefixes)
+    if not rows:
+        return []
+    lines = _Lines(rows)
+    lines.add(list(prefixes))
+    seen: bool | npt.NDArray[np.bool_] = False
+    for name, column in fields.items():
+        seen = BatchEncoder._add_field(lines, escape_key(name), column, seen)
+    if seen is False:
+        return []  # no row holds a field
+    lines.add(f" {int(ts_ns)}")
+    written = lines.join()
+    if seen is True:
+        return written
+    return list(compress(written, seen.tolist()))
 
 
 class TableEncoder:
@@ -220,7 +211,7 @@ Present = npt.NDArray[np.bool_] | None  # rows holding a value; None: every row
 
 def _field_text(column: npt.NDArray[Any]) -> tuple[Part, Present, str]:
     """Each row's value as text ('' where absent), which rows hold one, and the suffix after
-    the value; the same cases as :func:`_fragments`."""
+    the value (absent: NaN, -1 bool, empty string)."""
     if column.dtype == np.bool_:
         return _BOOL_TEXT[column.astype(np.intp)], None, ""
     if column.dtype == object or column.dtype.kind == "U":  # free text: no fast path needed

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 
 from cityflux.model.columns import BOOL_ABSENT, Columns
 from cityflux.model.contract import KIND_FIELDS
-from cityflux.store.lineprotocol import BatchEncoder, number_text
+from cityflux.store.lineprotocol import BatchEncoder, encode_table, number_text
 from cityflux.store.schema import MEASUREMENTS
 from tests.support import examples
 
@@ -276,3 +276,51 @@ def test_a_row_with_no_field_present_is_written_as_before() -> None:
         "manhole,device_id=m3,district=d3 tilt_deg=2.0 3",
     ]
     assert BatchEncoder().encode(columns) == ReferenceBatchEncoder().encode(columns)
+
+
+def reference_encode_table(
+    prefixes: list[str], fields: dict[str, npt.NDArray[Any]], ts_ns: int
+) -> list[str]:
+    """encode_table as it was before issue 11."""
+    fragments = [
+        reference_fragments(_ref_escape_key(name), column) for name, column in fields.items()
+    ]
+    lines = []
+    for prefix, row in zip(prefixes, zip(*fragments, strict=True), strict=True):
+        present = ",".join(filter(None, row))
+        if present:
+            lines.append(f"{prefix} {present} {int(ts_ns)}")
+    return lines
+
+
+@st.composite
+def result_tables(draw: st.DrawFn) -> tuple[list[str], dict[str, npt.NDArray[Any]], int]:
+    rows = draw(st.integers(0, 12))
+    prefixes = [f"m,entity=e{i}" for i in range(rows)]
+    names = draw(st.lists(st.sampled_from(["tpi", "speed_kmh", "level", "los", "ok", "lamp"]),
+                          unique=True, min_size=1, max_size=5))  # fmt: skip
+    fields: dict[str, npt.NDArray[Any]] = {}
+    for name in names:
+        kind = draw(st.sampled_from(["float", "int", "bool8", "bool", "text"]))
+        if kind == "bool":
+            fields[name] = np.array(draw(st.lists(st.booleans(), min_size=rows, max_size=rows)))
+        elif kind == "text":
+            values = draw(st.lists(st.one_of(st.just(""), TEXT), min_size=rows, max_size=rows))
+            fields[name] = np.array(values, dtype=object)
+        else:
+            fields[name] = _field_column(draw, "bool" if kind == "bool8" else kind, rows)
+    return prefixes, fields, draw(st.integers(0, 2**62))
+
+
+@settings(max_examples=examples(400), deadline=None)
+@given(result_tables())
+def test_result_tables_encode_byte_identical_to_the_reference(
+    table: tuple[list[str], dict[str, npt.NDArray[Any]], int],
+) -> None:
+    prefixes, fields, ts = table
+    assert encode_table(prefixes, fields, ts) == reference_encode_table(prefixes, fields, ts)
+
+
+def test_a_table_without_fields_is_no_lines() -> None:
+    # the reference raised on it (a zip of no columns); nothing to write is no lines
+    assert encode_table(["m,entity=e0"], {}, 1) == []
