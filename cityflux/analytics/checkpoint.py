@@ -48,6 +48,9 @@ class Layout:
     panes: dict[str, tuple[frozenset[str], int]]  # "traffic|start|flags|column": columns, entities
     partials: dict[str, tuple[frozenset[str], int]]  # "station#start#key": keys, length
     series: dict[str, tuple[int, int]]  # "california#i": how many, length
+    # pane columns and partial keys added by later versions: an older checkpoint lacks them
+    # (the caller fills them in) and still loads
+    added: frozenset[str] = frozenset()
 
 
 def write(path: Path, arrays: dict[str, Array]) -> None:
@@ -99,9 +102,10 @@ def check(arrays: dict[str, Array], layout: Layout) -> None:
         else:
             raise CheckpointError(f"unknown array {name!r}")
     for (prefix, start), columns in panes.items():
-        _check_pane(f"{prefix} pane {start}", columns, *layout.panes[prefix])
+        _check_pane(f"{prefix} pane {start}", columns, *layout.panes[prefix], layout.added)
     for (prefix, start), found in partials.items():
-        if found != layout.partials[prefix][0]:
+        keys = layout.partials[prefix][0]
+        if not keys - layout.added <= found <= keys:
             raise CheckpointError(f"{prefix} partials {start}: keys {sorted(found)}")
 
 
@@ -118,8 +122,10 @@ def _check_fixed(name: str, array: Array, like: Array) -> None:
         )
 
 
-def _check_pane(what: str, columns: dict[str, Array], names: frozenset[str], bound: int) -> None:
-    if set(columns) != names:
+def _check_pane(
+    what: str, columns: dict[str, Array], names: frozenset[str], bound: int, added: frozenset[str]
+) -> None:
+    if not names - added <= set(columns) <= names:
         raise CheckpointError(f"{what}: columns {sorted(columns)}, expected {sorted(names)}")
     lengths = {c.shape for c in columns.values()}
     if len(lengths) != 1 or len(next(iter(lengths))) != 1:

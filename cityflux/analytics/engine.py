@@ -45,7 +45,7 @@ from cityflux.analytics.devices import DeviceIndex
 from cityflux.analytics.domains import INTAKE, status
 from cityflux.analytics.domains import poles as poles_domain
 from cityflux.analytics.domains import traffic as traffic_domain
-from cityflux.analytics.environment import ManholeState
+from cityflux.analytics.environment import HourlyMeans, ManholeState, PoleSites
 from cityflux.analytics.results import Output, ResultTables, TooLate, alert_point
 from cityflux.analytics.traffic import (
     California,
@@ -101,6 +101,8 @@ class AnalyticsEngine:
         self.alerts = AlertEngine(load_rules(config.rules_file), AlertStore(config.alerts_db))
         self.pole_lon = np.array([p.lon for p in self.city.poles])
         self.pole_lat = np.array([p.lat for p in self.city.poles])
+        self.pole_sites = PoleSites.of(self.city)
+        self.pole_hours = HourlyMeans(len(self.city.poles))  # 8-hour O3, daily AQI
         self.counts: Counter[str] = Counter()  # unmapped, too_late, windows emitted
         self._last_data = time.monotonic()
         self._last_checkpoint = time.monotonic()

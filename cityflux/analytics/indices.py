@@ -11,6 +11,8 @@ from typing import Final, Literal
 
 import numpy as np
 
+from cityflux.analytics import aqi as hj633
+
 # -- GB/T 33171-2016: delay proportion -> traffic performance index (linear within bands) ----------
 TPI_DTP_BANDS: Final = np.array([0.0, 0.3, 0.5, 0.6, 0.7, 1.0])
 TPI_BANDS: Final = np.array([0.0, 2.0, 4.0, 6.0, 8.0, 10.0])
@@ -34,29 +36,8 @@ URBAN_LOS_PCT: Final = np.array([85.0, 67.0, 50.0, 40.0, 30.0])  # A > 85 ... E 
 FREEWAY_LOS_PCMILN: Final = np.array([11.0, 18.0, 26.0, 35.0, 45.0])
 KM_PER_MILE: Final = 1.609344
 
-# -- HJ 633: IAQI breakpoints (24-hour concentrations, µg/m³) --------------------------------------
-IAQI_POINTS: Final = np.array([0.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 500.0])
-AQI_BREAKPOINTS: Final[dict[str, dict[str, np.ndarray]]] = {
-    "HJ633-2012": {
-        "pm25": np.array([0.0, 35.0, 75.0, 115.0, 150.0, 250.0, 350.0, 500.0]),
-        "pm10": np.array([0.0, 50.0, 150.0, 250.0, 350.0, 420.0, 500.0, 600.0]),
-    },
-    # The 2026 revision tightens the good/light boundary (second-hand, unverified): PM2.5 60,
-    # PM10 120 at IAQI 100; the other breakpoints are kept.
-    "HJ633-2026": {
-        "pm25": np.array([0.0, 35.0, 60.0, 115.0, 150.0, 250.0, 350.0, 500.0]),
-        "pm10": np.array([0.0, 50.0, 120.0, 250.0, 350.0, 420.0, 500.0, 600.0]),
-    },
-}
-AQI_CATEGORIES: Final = (
-    "excellent",
-    "good",
-    "lightly polluted",
-    "moderately polluted",
-    "heavily polluted",
-    "severely polluted",
-)
-AQI_CATEGORY_UPPER: Final = np.array([50.0, 100.0, 150.0, 200.0, 300.0])
+# -- HJ 633: the tables and the six-pollutant AQI are in aqi.py; iaqi() and aqi() below are the
+# particulates-only forms kept for callers of this module.
 
 # -- GB 3096-2008: environmental noise limits, Leq dB(A) ---------------------------------------
 NOISE_LIMITS_DBA: Final[dict[str, tuple[float, float]]] = {  # zone: (day, night)
@@ -70,10 +51,21 @@ NOISE_LIMITS_DBA: Final[dict[str, tuple[float, float]]] = {  # zone: (day, night
 DAY_STARTS_H: Final = 6.0
 NIGHT_STARTS_H: Final = 22.0
 
+# Band edges are compared on a fixed decimal grid: a ratio or speed is rounded to 9 decimals
+# first, so a value that is on an edge in decimal (free flow 24 km/h, speed 9.6: DTP 0.6) is on
+# it in binary too, not one ulp to either side (1 - 9.6/24 = 0.6000000000000001).
+GRID_DECIMALS: Final = 9
+
+
+def on_grid(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to the comparison grid (1e-9): what every band test looks at."""
+    result: np.ndarray = np.round(values, GRID_DECIMALS)
+    return result
+
 
 def delay_proportion(speed_kmh: np.ndarray, free_flow_kmh: np.ndarray) -> np.ndarray:
     """DTP = (T - T0) / T = 1 - v / vf for a fixed length; 0 when faster than free flow."""
-    dtp: np.ndarray = np.clip(1.0 - speed_kmh / free_flow_kmh, 0.0, 1.0)
+    dtp: np.ndarray = np.clip(on_grid(1.0 - speed_kmh / free_flow_kmh), 0.0, 1.0)
     return dtp
 
 
@@ -85,7 +77,7 @@ def tpi_from_dtp(dtp: np.ndarray) -> np.ndarray:
 
 def tpi_level(tpi: np.ndarray) -> np.ndarray:
     """1 smooth, 2 basically smooth, 3 light, 4 moderate, 5 severe (0: no data)."""
-    level = np.searchsorted(np.array([2.0, 4.0, 6.0, 8.0]), tpi, side="right") + 1
+    level = np.searchsorted(np.array([2.0, 4.0, 6.0, 8.0]), on_grid(tpi), side="right") + 1
     return np.where(np.isnan(tpi), 0, level)
 
 
@@ -98,13 +90,13 @@ def speed_bands(road_class: np.ndarray) -> np.ndarray:
 def congestion_level(speed_kmh: np.ndarray, bands: np.ndarray) -> np.ndarray:
     """1 (smooth) to 5 (severe) from the speed bands of each segment (:func:`speed_bands`);
     0: no data."""
-    level = 1 + np.sum(speed_kmh[:, None] <= bands, axis=1)
+    level = 1 + np.sum(on_grid(speed_kmh)[:, None] <= bands, axis=1)
     return np.where(np.isnan(speed_kmh), 0, level)
 
 
 def urban_los(speed_kmh: np.ndarray, free_flow_kmh: np.ndarray, vc: np.ndarray) -> np.ndarray:
     """HCM 2010 urban street LOS from speed as % of free flow; v/c > 1 forces F."""
-    pct = 100.0 * speed_kmh / free_flow_kmh
+    pct = on_grid(100.0 * speed_kmh / free_flow_kmh)
     index = np.sum(pct[:, None] <= URBAN_LOS_PCT, axis=1)  # 0 = A ... 5 = F
     index = np.where(vc > 1.0, 5, index)
     return np.where(np.isnan(speed_kmh), "", LOS_LETTERS[index])
@@ -112,7 +104,7 @@ def urban_los(speed_kmh: np.ndarray, free_flow_kmh: np.ndarray, vc: np.ndarray) 
 
 def freeway_los(density_vpkmpl: np.ndarray, vc: np.ndarray) -> np.ndarray:
     """HCM basic freeway LOS from density (vehicles taken as passenger cars); v/c > 1 is F."""
-    per_mile = density_vpkmpl * KM_PER_MILE
+    per_mile = on_grid(density_vpkmpl * KM_PER_MILE)
     index = np.sum(per_mile[:, None] > FREEWAY_LOS_PCMILN, axis=1)
     index = np.where(vc > 1.0, 5, index)
     return np.where(np.isnan(density_vpkmpl), "", LOS_LETTERS[index])
@@ -132,25 +124,17 @@ def level_of_service(
 
 
 def iaqi(pollutant: str, concentration: np.ndarray, table: str = "HJ633-2012") -> np.ndarray:
-    """Individual AQI: linear between breakpoints, rounded up to an integer (HJ 633 section 5);
-    above the last breakpoint it stays 500."""
-    points = AQI_BREAKPOINTS[table][pollutant]
-    value = np.ceil(np.interp(concentration, points, IAQI_POINTS) - 1e-9)
-    return np.where(np.isnan(concentration), np.nan, value)
+    """Individual AQI of PM2.5 or PM10 on the 24-hour breakpoints (:func:`aqi.iaqi`)."""
+    return hj633.iaqi(f"{pollutant}_24h", concentration, table)
 
 
 def aqi(
     pm25: np.ndarray, pm10: np.ndarray, table: str = "HJ633-2012"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(AQI, primary pollutant, category 1-6). The primary pollutant is named when AQI > 50."""
-    i25, i10 = iaqi("pm25", pm25, table), iaqi("pm10", pm10, table)
-    stacked = np.vstack([i25, i10])
-    value = np.nanmax(np.where(np.isnan(stacked), -1.0, stacked), axis=0)
-    value = np.where(value < 0, np.nan, value)
-    primary = np.where(i25 >= np.nan_to_num(i10, nan=-1.0), "pm25", "pm10")
-    primary = np.where((value > 50) & ~np.isnan(value), primary, "")
-    category = np.searchsorted(AQI_CATEGORY_UPPER, value, side="left") + 1
-    return value, primary, np.where(np.isnan(value), 0, category)
+    """(AQI, primary pollutants, category 1-6) from the particulates alone: tied primary
+    pollutants are all named ("pm25,pm10"), none when AQI <= 50."""
+    report = hj633.combine({"pm25": iaqi("pm25", pm25, table), "pm10": iaqi("pm10", pm10, table)})
+    return report.aqi, report.primary, report.category
 
 
 def energy(level_db: np.ndarray) -> np.ndarray:

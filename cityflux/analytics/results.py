@@ -22,6 +22,7 @@ Array = npt.NDArray[Any]
 SEGMENT_MEASUREMENT = "traffic_segment"
 DISTRICT_MEASUREMENT = "traffic_district"
 AIR_MEASUREMENT = "air_quality"
+AIR_DISTRICT_MEASUREMENT = "air_quality_district"
 NOISE_MEASUREMENT = "noise"
 ALERT_MEASUREMENT = "cityflux_alert"
 
@@ -97,24 +98,57 @@ class ResultTables:
         }  # fmt: skip
         return [Table(DISTRICT_MEASUREMENT, series, self.tags(series, build), rounded(fields), end)]
 
-    def poles(self, result: AirNoise, pole_tags: dict[str, list[str]], end: int) -> list[Table]:
+    def poles(
+        self, result: AirNoise, pole_tags: Callable[[], dict[str, list[str]]], end: int
+    ) -> list[Table]:
         """The hourly air quality and noise of every pole (built even when disabled, as before
-        the split: the benchmark's figures include them). ``pole_tags``: device_id and
-        district per pole (the same every time: the first ones are kept)."""
-        tags = self.tags("poles", lambda: pole_tags)
+        the split: the benchmark's figures include them), and on the hour the daily AQI.
+        ``pole_tags``: builds device_id and district per pole (once: they are cached)."""
+        tags = self.tags("poles", pole_tags)
+        report, means = result.report, result.means
         air = rounded({
-            "aqi": result.aqi, "iaqi_pm25": result.iaqi_pm25, "iaqi_pm10": result.iaqi_pm10,
+            "aqi": report.aqi, "iaqi_pm25": result.iaqi_pm25, "iaqi_pm10": result.iaqi_pm10,
             "pm25_1h_ugm3": result.pm25_1h, "pm10_1h_ugm3": result.pm10_1h,
             "category": result.category.astype(np.int64), "primary": result.primary.astype(object),
+            "iaqi_so2": report.iaqi["so2"], "iaqi_no2": report.iaqi["no2"],
+            "iaqi_co": report.iaqi["co"], "iaqi_o3_1h": report.iaqi["o3_1h"],
+            "iaqi_o3_8h": report.iaqi["o3_8h"],
+            "so2_1h_ugm3": means["so2"], "no2_1h_ugm3": means["no2"], "co_1h_mgm3": means["co"],
+            "o3_1h_ugm3": means["o3"], "o3_8h_ugm3": means["o3_8h"],
+            "exceeding": report.exceeding.astype(object),
+            "qc_flags": result.quality.flags, "qc_flagged": result.quality.flagged,
         })  # fmt: skip
+        if result.daily is not None:
+            daily = result.daily
+            air |= {"aqi_24h": daily.aqi, "category_24h": daily.category,
+                    "primary_24h": daily.primary.astype(object)}  # fmt: skip
         noise = rounded({
             "leq_1h_dba": result.leq_dba, "limit_dba": result.limit_dba,
-            "exceed_dba": result.exceed_dba,
+            "exceed_dba": result.exceed_dba, "lmax_dba": result.lmax_dba,
+            "lmax_frequent_n": result.lmax_frequent_n, "lmax_violation": result.lmax_violation,
+            "period": np.full(len(result.leq_dba), result.period, dtype=object),
         })  # fmt: skip
         return [
             Table(AIR_MEASUREMENT, "poles", tags, air, end),
             Table(NOISE_MEASUREMENT, "poles", tags, noise, end),
+            self._air_districts(result, end),
         ]
+
+    def _air_districts(self, result: AirNoise, end: int) -> Table:
+        """The district AQI from the means over its poles, flagged sensors left out."""
+        names = self.model.district_ids
+        tags = self.tags("air_districts", lambda: {"district": list(names)})
+        report, means = result.district, result.district_means
+        fields = rounded({
+            "aqi": report.aqi, "category": report.category.astype(np.int64),
+            "primary": report.primary.astype(object), "exceeding": report.exceeding,
+            "colour": report.colour, "pm25_1h_ugm3": means["pm25"], "pm10_1h_ugm3": means["pm10"],
+            "so2_1h_ugm3": means["so2"], "no2_1h_ugm3": means["no2"],
+            "co_1h_mgm3": means["co"], "o3_1h_ugm3": means["o3"], "o3_8h_ugm3": means["o3_8h"],
+            "poles": result.district_poles.astype(np.int64),
+            "poles_flagged": result.district_flagged.astype(np.int64),
+        })  # fmt: skip
+        return Table(AIR_DISTRICT_MEASUREMENT, "air_districts", tags, fields, end)
 
 
 def alert_point(alert: Alert, position: tuple[float, float] | None = None) -> Point:

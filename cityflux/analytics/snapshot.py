@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cityflux.analytics import checkpoint as checkpoint_file
-from cityflux.analytics.environment import POLE_PARTIALS
+from cityflux.analytics.environment import POLE_INPUTS, POLE_PARTIALS
 from cityflux.analytics.traffic import PARTIALS
 
 if TYPE_CHECKING:
@@ -20,8 +20,12 @@ if TYPE_CHECKING:
 
 Array = npt.NDArray[Any]
 _LANE_COLUMNS = frozenset({"entity", "ts_ns", "count", "occupancy_pct", "speed_kmh", "interval_s"})
-_POLE_COLUMNS = frozenset({"entity", "ts_ns", "pm25_ugm3", "pm10_ugm3", "noise_dba", "lamp_on",
-                           "lamp_power_w", "lamp_fault"})  # fmt: skip
+_POLE_COLUMNS = frozenset({"entity", "ts_ns", *POLE_INPUTS})
+# what issue 13 added to the pole panes and partials: checkpoints from before it still load
+_ADDED = frozenset({"so2_ugm3", "no2_ugm3", "co_mgm3", "o3_ugm3", "noise_lmax_dba"}) | (
+    frozenset(POLE_PARTIALS) - {"pm25_sum", "pm25_n", "pm10_sum", "pm10_n", "energy_sum",
+                                "noise_n", "lamp_rows", "lamp_bad"}
+)  # fmt: skip
 
 
 def state(engine: AnalyticsEngine) -> dict[str, Array]:
@@ -35,6 +39,8 @@ def state(engine: AnalyticsEngine) -> dict[str, Array]:
         "manhole_rise": engine.manholes.rise,
         "stuck_count": engine.stuck_count,
         "last_station_speed": engine.last_station_speed,
+        "pole_hour_means": engine.pole_hours.values,
+        "pole_hour_index": engine.pole_hours.hour,
     }
     arrays |= engine.traffic.state("traffic") | engine.poles.state("poles")
     for name, store in (("station", engine.station_parts), ("pole", engine.pole_parts)):
@@ -55,13 +61,22 @@ def layout(engine: AnalyticsEngine) -> checkpoint_file.Layout:
     stations, poles = len(engine.city.detectors), len(engine.city.poles)
     return checkpoint_file.Layout(
         arrays=fixed,
-        optional=frozenset({"manhole_rise", "stuck_count", "last_station_speed"}),
+        optional=frozenset(
+            {
+                "manhole_rise",
+                "stuck_count",
+                "last_station_speed",
+                "pole_hour_means",
+                "pole_hour_index",
+            }
+        ),
         panes={"traffic": (_LANE_COLUMNS, stations * 16), "poles": (_POLE_COLUMNS, poles)},
         partials={
             "station": (frozenset(PARTIALS), stations),
             "pole": (frozenset(POLE_PARTIALS), poles),
         },
         series={"california": (3, stations)},
+        added=_ADDED,
     )
 
 
@@ -76,6 +91,9 @@ def apply(engine: AnalyticsEngine, arrays: dict[str, Array]) -> None:
     manholes.rise = arrays.get("manhole_rise", manholes.rise)
     engine.stuck_count = arrays.get("stuck_count", engine.stuck_count)
     engine.last_station_speed = arrays.get("last_station_speed", engine.last_station_speed)
+    hours = engine.pole_hours
+    hours.values = arrays.get("pole_hour_means", hours.values)
+    hours.hour = arrays.get("pole_hour_index", hours.hour)
     engine.traffic.restore("traffic", arrays)
     engine.poles.restore("poles", arrays)
     for name, store in (("station", engine.station_parts), ("pole", engine.pole_parts)):
@@ -89,3 +107,19 @@ def apply(engine: AnalyticsEngine, arrays: dict[str, Array]) -> None:
     california.tentative = arrays["california_tentative"]
     california.active = arrays["california_active"]
     california.quiet = arrays["california_quiet"]
+    _fill_added(engine)
+
+
+def _fill_added(engine: AnalyticsEngine) -> None:
+    """An older checkpoint's pole panes and partials get what later versions added: no
+    readings (NaN columns; zero sums and counts, empty ranges)."""
+    for pane in engine.poles.panes.values():
+        for chunk in pane.chunks:
+            rows = len(chunk["ts_ns"])
+            for name in _POLE_COLUMNS - set(chunk):
+                chunk[name] = np.full(rows, np.nan)
+    poles = len(engine.city.poles)
+    empty = {"_min": np.inf, "_max": -np.inf}
+    for parts in engine.pole_parts.values():
+        for key in set(POLE_PARTIALS) - set(parts):
+            parts[key] = np.full(poles, empty.get(key[-4:], 0.0))

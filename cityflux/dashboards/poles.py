@@ -20,7 +20,7 @@ def build() -> dash.Dashboard:
             "cityflux: smart poles",
             "Air quality, noise and street lighting",
             "pole",
-            "air_quality_heavy|noise_over_limit|lamp_fault",
+            "air_quality_heavy|noise_over_limit|noise_night_lmax|lamp_fault",
         )
         .with_panel(
             panels.time_series(
@@ -40,6 +40,32 @@ def build() -> dash.Dashboard:
                     f'FROM "air_quality" {WHERE_DISTRICT} {BY_DISTRICT}'
                 ).alias("$tag_district $col"),
                 steps=panels.AQI_STEPS,
+            )
+        )
+        .with_panel(
+            panels.grid(
+                "AQI and primary pollutants (per pole, latest hour)",
+                Query(
+                    'SELECT last("aqi") AS "AQI", "primary", "exceeding", "category" '
+                    f'FROM "air_quality" {WHERE_DISTRICT} GROUP BY "device_id", "district"'
+                ).table(),
+                sort_by="AQI",
+                description="HJ 633 six-pollutant hourly AQI; primary: every pollutant with "
+                "the highest IAQI when AQI > 50 (ties all named, e.g. pm25,pm10); exceeding: "
+                "IAQI > 100",
+            )
+        )
+        .with_panel(
+            panels.time_series(
+                "IAQI of the gases (district mean)",
+                Query(
+                    'SELECT mean("iaqi_no2") AS "NO2", mean("iaqi_o3_1h") AS "O3 1h", '
+                    'mean("iaqi_o3_8h") AS "O3 8h", mean("iaqi_co") AS "CO", '
+                    f'mean("iaqi_so2") AS "SO2" FROM "air_quality" {WHERE_DISTRICT} '
+                    f"{BY_DISTRICT}"
+                ).alias("$tag_district $col"),
+                steps=panels.AQI_STEPS,
+                description="HJ 633 1-hour tables (O3 also its 8-hour moving average)",
             )
         )
         .with_panel(

@@ -64,6 +64,13 @@ POLE_FIELDS: Final = (
     _f("noise_dba", "dB(A)", 20, 140, "A-weighted sound level over the reading interval (Leq)"),
     _f("temperature_c", "°C", -50, 70, "air temperature"),
     _f("humidity_pct", "%", 0, 100, "relative humidity"),
+    # added in v1 (optional, like every field): a micro air station's gases and the noise
+    # meter's maximum; ranges reach past HJ 633's last breakpoint (IAQI 500) of each
+    _f("so2_ugm3", "µg/m³", 0, 5_000, "sulphur dioxide"),
+    _f("no2_ugm3", "µg/m³", 0, 5_000, "nitrogen dioxide"),
+    _f("co_mgm3", "mg/m³", 0, 200, "carbon monoxide"),
+    _f("o3_ugm3", "µg/m³", 0, 2_000, "ozone"),
+    _f("noise_lmax_dba", "dB(A)", 20, 140, "maximum A-weighted sound level (fast) in the interval"),
 )
 
 MANHOLE_FIELDS: Final = (

@@ -17,6 +17,7 @@ import numpy as np
 
 from cityflux.analytics.alerts import Alert
 from cityflux.analytics.engine import AnalyticsEngine, TooLate, alert_point
+from cityflux.analytics.environment import POLE_INPUTS
 from cityflux.analytics.traffic import TrafficView
 from cityflux.config import Config
 from cityflux.errors import StoreError
@@ -30,8 +31,7 @@ from cityflux.supervisor import Spawn
 log = logging.getLogger(__name__)
 RECOVER_MEASUREMENTS: Final = {
     "traffic": ("lane", ("count", "occupancy_pct", "speed_kmh", "interval_s")),
-    "pole": ("", ("pm25_ugm3", "pm10_ugm3", "noise_dba", "lamp_on", "lamp_power_w",
-                  "lamp_fault")),
+    "pole": ("", POLE_INPUTS),  # every pole field the analytics read (gases, Lmax too)
 }  # fmt: skip
 
 
@@ -43,6 +43,7 @@ def alert_line(alert: Alert, position: tuple[float, float] | None = None) -> str
 class AckMessage(msgspec.Struct, forbid_unknown_fields=True):
     id: int
     by: str = "operator"
+    force: bool = False  # override another operator's acknowledgement (both are recorded)
 
 
 class Publisher(Protocol):
@@ -129,13 +130,29 @@ class AnalyticsLink:
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
                 log.warning("bad alert acknowledgement %r: %s", payload[:200], exc)
                 continue
-            alert, points = self.engine.acknowledge(ack.id, ack.by)
-            if alert is None:
-                log.warning("acknowledgement of unknown alert %d", ack.id)
-                continue
-            lines += self.encode(points)
-            self._publish_one(alert)
+            lines += self._acknowledge(ack)
         return lines
+
+    def _acknowledge(self, message: AckMessage) -> list[str]:
+        """The rule of ``cityflux alerts ack``: another operator's acknowledgement stands
+        unless the message says ``force``; a refused one is logged and changes nothing."""
+        ack = self.engine.alerts.ack(message.id, message.by, message.force)
+        if ack.alert is None:
+            log.warning("acknowledgement of unknown alert %d", message.id)
+            return []
+        if ack.status == "refused":
+            log.warning(
+                "acknowledgement of alert %d by %s refused: already acknowledged by %s "
+                '(send "force": true to acknowledge it again)',
+                message.id, message.by, ack.previous_by,
+            )  # fmt: skip
+            return []
+        alert = ack.alert
+        # at the time of the alert's current state, not the wall clock: the acknowledged flag
+        # updates that point, and a replay's later clearing is never older than the ack
+        point = alert_point(alert, self.engine.model.position(alert.entity))
+        self._publish_one(alert)
+        return self.encode([point])
 
     def alert_history(self) -> list[Alert]:
         """Every alert in the alert database, oldest first."""

@@ -6,8 +6,13 @@ controllable*, so the analytics can be scored against known episodes:
 * PM2.5: a daily cycle (high at night and in the morning, low in the afternoon when the mixing
   layer is deep), a roadside term proportional to the traffic on the pole's segment, haze
   episodes added on top, washed out by rain; lognormal sensor noise. PM10 = PM2.5 x 1.4-1.9.
+* Gases (a micro air station): NO2 and CO with the traffic on the pole's segment (so with the
+  rush hours) over a small background, held in by haze episodes (stagnant air: + ``no2`` of the
+  episode, CO x (1 + haze / 150)); O3 photochemical, following the sun about 2.5 hours late
+  (peaking on sunny afternoons), dimmed by rain and haze, titrated by traffic NO; SO2 low.
 * Noise: road traffic noise grows with 10 log10 of the flow (energy doubles with the flow),
-  summed by energy with a day/night background.
+  summed by energy with a day/night background; the interval's maximum (Lmax) is the Leq plus
+  a pass-by peak that is larger when traffic is sparse (single vehicles stand out).
 * Lamps: on while the sun is below the civil-dusk threshold (solar elevation from NOAA's
   approximations, cityflux/sun.py), drawing their rated power; failed lamps burn by day, stay
   dark at night or draw far from their rating.
@@ -67,10 +72,14 @@ def pole_readings(
     rain_mm_h: np.ndarray,
     haze_ugm3: np.ndarray,
     rng: np.random.Generator,
+    haze_no2_ugm3: np.ndarray | None = None,
+    gas_rng: np.random.Generator | None = None,
 ) -> dict[str, np.ndarray]:
     """Readings of the poles in ``index`` at ``epoch_s``. Per-district arrays are by index.
 
-    ``traffic_share`` is the flow on each pole's segment over its capacity (0..1).
+    ``traffic_share`` is the flow on each pole's segment over its capacity (0..1). The gases
+    and Lmax draw from ``gas_rng`` (default ``rng``): a generator of their own leaves the
+    draws of everything else, and so the scenarios' other figures, as they were.
     """
     n = len(index)
     district = state.district[index]
@@ -100,7 +109,15 @@ def pole_readings(
         5,
         100,
     )
-    return {
+    no2_haze = np.zeros_like(haze_ugm3) if haze_no2_ugm3 is None else haze_no2_ugm3
+    gases = gas_readings(
+        state, index, epoch_s, traffic_share, rain_mm_h[district], haze_ugm3[district],
+        no2_haze[district], gas_rng or rng,
+    )  # fmt: skip
+    sparse = 4.0 * (1.0 - np.clip(traffic_share * 4, 0, 1))  # lone vehicles stand out
+    lmax = noise + 3.0 + sparse + (gas_rng or rng).exponential(1.0, size=n)
+    return gases | {
+        "noise_lmax_dba": np.round(np.clip(lmax, 20, 140), 1),
         "lamp_on": lamp_on,
         "lamp_power_w": np.round(power, 1),
         "lamp_fault": (mode == 2) & dark,  # a dark lamp's driver reports it; day-burners do not
@@ -109,6 +126,35 @@ def pole_readings(
         "noise_dba": np.round(np.clip(noise, 20, 140), 1),
         "temperature_c": np.round(temperature + rng.normal(0, 0.3, size=n), 1),
         "humidity_pct": np.round(humidity + rng.normal(0, 1.0, size=n), 1).clip(0, 100),
+    }
+
+
+def gas_readings(
+    state: PoleState,
+    index: np.ndarray,
+    epoch_s: float,
+    traffic_share: np.ndarray,
+    rain_mm_h: np.ndarray,
+    haze_ugm3: np.ndarray,
+    haze_no2_ugm3: np.ndarray,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """SO2, NO2, CO and O3 of the poles in ``index`` (per-pole arrays); see the module doc."""
+    n = len(index)
+    stagnant = 1.0 + haze_ugm3 / 150.0
+    no2 = (18.0 + 70.0 * traffic_share) * stagnant + haze_no2_ugm3
+    co = (0.35 + 1.1 * traffic_share) * stagnant
+    # photochemistry lags the sun: the elevation 2.5 hours earlier, by each pole's position
+    lagged = solar_elevation_deg(epoch_s - 9_000, state.lon[index], state.lat[index])
+    sun = np.clip(np.sin(np.radians(lagged)), 0.0, 1.0)
+    light = 1.0 / (1.0 + rain_mm_h / 2.0) / (1.0 + haze_ugm3 / 100.0)
+    o3 = 22.0 + 170.0 * sun * light - 20.0 * traffic_share
+    so2 = 6.0 + 4.0 * traffic_share
+    return {
+        "so2_ugm3": np.round(np.clip(so2 * rng.lognormal(0, 0.2, size=n), 0, 5_000)),
+        "no2_ugm3": np.round(np.clip(no2 * rng.lognormal(0, 0.1, size=n), 0, 5_000)),
+        "co_mgm3": np.round(np.clip(co * rng.lognormal(0, 0.1, size=n), 0, 200), 2),
+        "o3_ugm3": np.round(np.clip(o3 * rng.lognormal(0, 0.08, size=n), 1, 2_000)),
     }
 
 

@@ -73,6 +73,7 @@ class Haze(_Section, frozen=True, kw_only=True):
     start_s: float
     duration_s: float
     pm25_ugm3: float  # added at the peak of the episode
+    no2_ugm3: float = 0.0  # NO2 added at the peak (traffic exhaust held in by stagnant air)
     districts: list[str] = []
 
 

@@ -38,8 +38,9 @@ DETECTORS: Final[dict[str, Detector]] = {
     "lamp_fault": Detector(("lamp_fault",), "entity"),
     "cover_open": Detector(("manhole_cover_open",), "entity"),
     "gas": Detector(("manhole_gas_ch4", "manhole_gas_h2s"), "entity"),
-    # stuck traffic detectors (a stuck pole PM2.5 sensor has no detector yet)
-    "stuck": Detector(("detector_stuck",), "entity", device_kind="traffic"),
+    # stuck traffic detectors and stuck pole PM sensors; drifting pole PM sensors
+    "stuck": Detector(("detector_stuck", "sensor_stuck"), "entity"),
+    "drift": Detector(("sensor_drift",), "entity"),
 }
 
 

@@ -73,6 +73,8 @@ class Simulation:
         self.end_s = start_s + scenario.clock.duration_s
         self.step_s = scenario.clock.step_s
         self.rng = np.random.default_rng(scenario.city.seed + 1_000)
+        self.gas_rng = np.random.default_rng(scenario.city.seed + 2_000)  # gases, Lmax
+        self.haze_no2 = np.zeros(len(self.city.districts))
         self.expected = Expected()
         self.devices = Devices.of(self.city, topic_root)
         self.district_index = {d.id: i for i, d in enumerate(self.city.districts)}
@@ -197,6 +199,8 @@ class Simulation:
             *((r, rain, r.peak_mm_h) for r in self.scenario.rain),
             *((h, haze, h.pm25_ugm3) for h in self.scenario.haze),
         ]
+        self.haze_no2 = np.zeros(districts)
+        events += [(h, self.haze_no2, h.no2_ugm3) for h in self.scenario.haze]
         for event, target, value in events:
             weight = value * bell(t, self.start_s + event.start_s, event.duration_s)
             chosen = [self.district_index[d] for d in event.districts] or list(range(districts))
@@ -252,7 +256,10 @@ class Simulation:
         at = ((t - self.pole_phase[due]) // interval) * interval + self.pole_phase[due]
         cells = self.pole_cell[due]
         share = np.clip(self.model.outflow_vph[cells] / self.network.q_max[cells], 0, 1)
-        columns = pole_readings(self.pole_state, due, t, local_hour, share, rain, haze, self.rng)
+        columns = pole_readings(
+            self.pole_state, due, t, local_hour, share, rain, haze, self.rng, self.haze_no2,
+            self.gas_rng,
+        )  # fmt: skip
         hours = (t - self.start_s) / 3600
         columns["pm25_ugm3"] = self.faults.drifted(due, columns["pm25_ugm3"], hours)
         columns["pm25_ugm3"] = self.faults.stuck_values("pole", due, columns["pm25_ugm3"], t)
