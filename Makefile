@@ -1,5 +1,8 @@
 # The two commands of the README, and the checks CI runs.
-.PHONY: demo run test test-unit check bench bench-simulate bench-chaos
+.PHONY: demo run install test test-unit check bench bench-simulate bench-chaos bench-analytics bench-scale
+
+# `make install` links the command here (Debian's ~/.profile puts it on the PATH when it exists)
+BINDIR ?= $(HOME)/.local/bin
 
 demo:  ## set up, then a simulated city -> mosquitto -> cityflux -> InfluxDB, shown live
 	@scripts/bootstrap.sh
@@ -8,6 +11,13 @@ demo:  ## set up, then a simulated city -> mosquitto -> cityflux -> InfluxDB, sh
 run:   ## set up, start local mosquitto + InfluxDB, and ingest (Ctrl-C stops everything)
 	@scripts/bootstrap.sh
 	.venv/bin/cityflux up
+
+install: ## the `cityflux` command in every new shell: a link in $(BINDIR) to .venv/bin/cityflux
+	@scripts/bootstrap.sh --python-only
+	@mkdir -p "$(BINDIR)"
+	ln -sfn "$(CURDIR)/.venv/bin/cityflux" "$(BINDIR)/cityflux"
+	@case ":$$PATH:" in *":$(BINDIR):"*) ;; \
+	  *) echo "$(BINDIR) is not on your PATH: export PATH=\"$(BINDIR):\$$PATH\"" ;; esac
 
 test:  ## set up, then run the whole test suite against real servers
 	@scripts/bootstrap.sh
@@ -34,3 +44,11 @@ bench-simulate: ## simulator and replay vs mosquitto_pub and paho, every message
 bench-chaos: ## 10 min at 5,000 msg/s while cityflux, InfluxDB and mosquitto are broken on a schedule
 	@scripts/bootstrap.sh
 	.venv/bin/python -m bench.chaos --minutes 10 --rate 5000
+
+bench-analytics: ## analytics core in-process, then publish -> alert latency at 5,000 msg/s, five runs
+	@scripts/bootstrap.sh
+	.venv/bin/python -m bench.analytics --runs 5
+
+bench-scale: ## 1 vs 2 workers on a backlog, servers on core 1 and workers on core 0, then unpinned: bench/results/scale-*.json
+	@scripts/bootstrap.sh
+	.venv/bin/python -m bench.scale

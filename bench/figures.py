@@ -64,6 +64,42 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a live process (e.g. the workers of ``cityflux run --workers``)."""
+    found = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(child) for child in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return found
+
+
+def started_at(pid: int) -> float:
+    """When a process started, in seconds since boot (compare with :func:`since_boot`)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[19]) / TICKS  # field 22 of proc(5), starttime
+
+
+def since_boot() -> float:
+    """Now, on the clock of :func:`started_at` (CLOCK_BOOTTIME, as /proc/uptime)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def cpus_allowed(pid: int) -> list[str]:
+    """Each thread's allowed CPUs (Cpus_allowed_list of /proc/<pid>/task/<tid>/status), distinct,
+    sorted: evidence that a ``taskset`` reached every thread of a server."""
+    found = set()
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("Cpus_allowed_list:"):
+                    found.add(line.split(":", 1)[1].strip())
+    except OSError:
+        pass
+    return sorted(found)
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a live process and its live descendants (e.g. worker processes)."""
     total = 0
@@ -118,12 +154,14 @@ def run_child(
     started: Callable[[], bool] | None = None,
     timeout_s: float = 1_800.0,
     keep_stdout: bool = True,
+    on_start: Callable[[int], None] | None = None,
 ) -> ChildRun:
     """Run ``command`` until ``done()`` is true (then stop it), or, without ``done``, until it
     exits (a non-zero exit raises). CPU comes from /proc when we stop it and from wait4's
     rusage when it exits by itself; peak RSS is VmHWM sampled every 50 ms (a process that
     lives less than that may show 0); stderr goes to ``log``. With ``started`` (e.g. its first
-    message received), the time and CPU from then to done are the steady state too."""
+    message received), the time and CPU from then to done are the steady state too.
+    ``on_start`` is called with the child's pid right after it started."""
     out = log.with_suffix(".out")
     with log.open("wb") as err, out.open("wb") as stdout:
         start = time.monotonic()
@@ -135,6 +173,8 @@ def run_child(
             stderr=err,
         )
     pid, rss, cpu = process.pid, 0.0, 0.0
+    if on_start is not None:
+        on_start(pid)
     began: tuple[float, float] | None = None  # (time, cpu) when started() first held
     try:
         while True:

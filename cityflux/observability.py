@@ -6,6 +6,8 @@ Each worker process has its own registry (no global state), served on its own po
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -14,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from cityflux.model.contract import KINDS, Reason
+
+log = logging.getLogger(__name__)
 
 # cityflux_broker_<name>: what the broker says of itself ($SYS), docs/operations.md
 BROKER_GAUGES = {
@@ -185,7 +189,7 @@ class MetricsServer:
 
     def __init__(self, metrics: Metrics, health: HealthCheck, host: str, port: int) -> None:
         handler = _handler(metrics, health)
-        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server = _Server((host, port), handler)
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
 
@@ -196,6 +200,17 @@ class MetricsServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scraper that hangs up before its answer is sent (a timeout, Ctrl-C on curl) is
+        an expected condition: one line, not socketserver's traceback on stderr."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):  # BrokenPipeError, ConnectionResetError, ...
+            log.info("metrics client %s:%s disconnected early: %s", *client_address[:2], exc)
+            return
+        log.exception("metrics request from %s:%s failed", *client_address[:2])
 
 
 def _handler(metrics: Metrics, health: HealthCheck) -> type[BaseHTTPRequestHandler]:

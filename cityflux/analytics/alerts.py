@@ -14,6 +14,7 @@ import logging
 import operator
 import sqlite3
 import threading
+import time
 import tomllib
 from collections import deque
 from collections.abc import Callable
@@ -26,7 +27,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from cityflux.errors import ConfigError
+from cityflux.errors import CityfluxError, ConfigError
 from cityflux.files import private_sqlite_file, set_aside
 from cityflux.model.units import NS
 
@@ -120,6 +121,41 @@ class Alert(msgspec.Struct, kw_only=True):
     cleared_ns: int = 0
     count: int = 1
     acknowledged_by: str = ""
+    acknowledged_ns: int = 0  # wall clock of the acknowledgement in force (0: none)
+
+
+AckStatus = Literal["acknowledged", "already", "refused", "unknown"]
+
+
+@dataclass(slots=True, frozen=True)
+class Ack:
+    """What an acknowledgement did. ``acknowledged``: recorded (``previous_by`` is set when it
+    overrode another operator's with force); ``already``: the same operator had acknowledged
+    it, nothing changed; ``refused``: someone else had, and force was not given; ``unknown``:
+    no such alert. ``alert`` is the alert as stored afterwards (None when unknown)."""
+
+    status: AckStatus
+    alert: Alert | None
+    previous_by: str = ""
+    previous_ns: int = 0
+
+    @property
+    def applied(self) -> bool:
+        return self.status == "acknowledged"
+
+
+class AckRecord(msgspec.Struct, frozen=True):
+    """One acknowledgement as recorded (every one is kept, the overridden ones too)."""
+
+    alert_id: int
+    by: str
+    at_ns: int
+    forced: bool
+    alert_state: str  # the alert's state when it was acknowledged: active or cleared
+
+
+class AckRefused(CityfluxError):
+    """An alert acknowledged by another operator, acknowledged again without force."""
 
 
 @dataclass(slots=True)
@@ -182,6 +218,20 @@ class AlertStore:
         )
         db.execute("CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, rule, entity)")
         db.execute("SELECT count(*) FROM alerts").fetchone()  # reads the pages: finds garbage
+        # files written before acknowledgements had a time and a history: add what is missing
+        have = {row[1] for row in db.execute("PRAGMA table_info(alerts)")}
+        if "acknowledged_ns" not in have:
+            db.execute("ALTER TABLE alerts ADD COLUMN acknowledged_ns INTEGER NOT NULL DEFAULT 0")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS acknowledgements (alert_id INTEGER, by TEXT,"
+            " at_ns INTEGER, forced INTEGER, alert_state TEXT)"
+        )
+
+    @classmethod
+    def open_existing(cls, path: str | Path) -> AlertStore | None:
+        """The store at ``path`` if the file exists, else None: reading must not leave an
+        empty database behind (``cityflux alerts list`` in the wrong directory)."""
+        return cls(path) if Path(path).is_file() else None
 
     def save(self, alerts: list[Alert]) -> None:
         """Insert new alerts (id 0: assigned here) and update known ones, in one transaction.
@@ -215,13 +265,51 @@ class AlertStore:
                 )
                 alert.id = int(cursor.lastrowid or 0)
 
-    def acknowledge(self, alert_id: int, by: str) -> Alert | None:
-        with self.db:
-            self.db.execute(
-                "UPDATE alerts SET acknowledged=1, acknowledged_by=? WHERE id=?", (by, alert_id)
-            )
+    def acknowledge(
+        self, alert_id: int, by: str, force: bool = False, at_ns: int | None = None
+    ) -> Ack:
+        """Acknowledge an alert, active or cleared. Another operator's acknowledgement is
+        overridden only with ``force``; every applied acknowledgement is kept in
+        ``acknowledgements`` (who, when, forced), so an override loses nothing."""
+        at_ns = time.time_ns() if at_ns is None else at_ns
+        self.db.execute("BEGIN IMMEDIATE")  # the check and the update see the same row
+        try:
+            ack = self._acknowledge(alert_id, by, force, at_ns)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return ack
+
+    def _acknowledge(self, alert_id: int, by: str, force: bool, at_ns: int) -> Ack:
         found = self.select(where="id=?", args=(alert_id,))
-        return found[0] if found else None
+        if not found:
+            return Ack("unknown", None)
+        alert = found[0]
+        previous = (alert.acknowledged_by or "", alert.acknowledged_ns or 0)
+        if alert.acknowledged and alert.acknowledged_by == by:
+            return Ack("already", alert, *previous)
+        if alert.acknowledged and not force:
+            return Ack("refused", alert, *previous)
+        self.db.execute(
+            "UPDATE alerts SET acknowledged=1, acknowledged_by=?, acknowledged_ns=? WHERE id=?",
+            (by, at_ns, alert_id),
+        )
+        self.db.execute(
+            "INSERT INTO acknowledgements VALUES (?, ?, ?, ?, ?)",
+            (alert_id, by, at_ns, int(alert.acknowledged), alert.state),
+        )
+        alert.acknowledged, alert.acknowledged_by, alert.acknowledged_ns = True, by, at_ns
+        return Ack("acknowledged", alert, *previous)  # previous: ("", 0) if it was not acked
+
+    def acknowledgements(self, alert_id: int) -> list[AckRecord]:
+        """Every acknowledgement of the alert, oldest first."""
+        rows = self.db.execute(
+            "SELECT alert_id, by, at_ns, forced, alert_state FROM acknowledgements"
+            " WHERE alert_id=? ORDER BY rowid",
+            (alert_id,),
+        ).fetchall()
+        return [AckRecord(a, b, t, bool(f), s) for a, b, t, f, s in rows]
 
     def select(self, where: str = "1=1", args: tuple[Any, ...] = ()) -> list[Alert]:
         cursor = self.db.execute(
@@ -372,16 +460,33 @@ class AlertEngine:
         except (KeyError, ValueError, IndexError):
             return f"{rule.metric} {value:.1f} {rule.when}"
 
-    def acknowledge(self, alert_id: int, by: str) -> Alert | None:
-        """Mark an alert acknowledged (active or cleared); None if there is no such alert."""
-        with self._lock:
-            return self._acknowledge(alert_id, by)
+    def acknowledge(self, alert_id: int, by: str, force: bool = False) -> Alert | None:
+        """Mark an alert acknowledged (active or cleared); None if there is no such alert.
+        Raises AckRefused when another operator acknowledged it and ``force`` is not given."""
+        ack = self.ack(alert_id, by, force)
+        if ack.status == "refused":
+            raise AckRefused(_refusal(alert_id, by, ack))
+        return ack.alert
 
-    def _acknowledge(self, alert_id: int, by: str) -> Alert | None:
-        stored = self.store.acknowledge(alert_id, by)
-        for trackers in self.trackers.values():
-            for tracker in trackers.values():
-                if tracker.alert is not None and tracker.alert.id == alert_id:
-                    tracker.alert.acknowledged, tracker.alert.acknowledged_by = True, by
-                    return tracker.alert
-        return stored
+    def ack(self, alert_id: int, by: str, force: bool = False) -> Ack:
+        """:meth:`AlertStore.acknowledge`, and the active alert in memory follows the store."""
+        with self._lock:
+            ack = self.store.acknowledge(alert_id, by, force)
+            if ack.alert is None:
+                return ack
+            for trackers in self.trackers.values():
+                for tracker in trackers.values():
+                    live = tracker.alert
+                    if live is not None and live.id == alert_id:
+                        live.acknowledged = ack.alert.acknowledged
+                        live.acknowledged_by = ack.alert.acknowledged_by
+                        live.acknowledged_ns = ack.alert.acknowledged_ns
+                        return Ack(ack.status, live, ack.previous_by, ack.previous_ns)
+            return ack
+
+
+def _refusal(alert_id: int, by: str, ack: Ack) -> str:
+    return (
+        f"alert {alert_id} was already acknowledged by {ack.previous_by}: not acknowledged "
+        f"again by {by} without force"
+    )

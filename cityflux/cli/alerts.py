@@ -15,10 +15,12 @@ import paho.mqtt.client as paho
 import typer
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
+from rich import box
 from rich.table import Table
+from rich.text import Text
 
-from cityflux.analytics.alerts import AlertStore
-from cityflux.cli.common import ConfigOption, app, console, load_or_exit
+from cityflux.analytics.alerts import Alert, AlertStore
+from cityflux.cli.common import ConfigOption, DataDirOption, app, console, load_with_data_dir
 from cityflux.config import MqttConfig
 from cityflux.errors import CityfluxError, MqttError
 from cityflux.mqtt.consumer import apply_credentials
@@ -30,80 +32,156 @@ app.add_typer(alerts_app, name="alerts")
 ACK_TIMEOUT_S: Final = 10.0
 
 
-def _when(ns: int) -> str:
-    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ns else ""
+def _when(ns: int, short: bool = False) -> str:
+    if not ns:
+        return "-"
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).strftime(
+        "%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%SZ"
+    )
 
 
 @alerts_app.command("list")
 def list_alerts(
     state: Annotated[str, typer.Option(help="active, cleared or all")] = "active",
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
+    data_dir: DataDirOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Alerts from the alert database (analytics.alerts_db)."""
-    loaded = load_or_exit(config)
-    store = AlertStore(loaded.analytics.alerts_db)
+    """Alerts from the alert database (DATA_DIR/analytics/alerts.sqlite, or analytics.alerts_db)."""
+    if state not in ("active", "cleared", "all"):
+        _fail(f"--state {state}: expected active, cleared or all", code=2)
+    loaded = load_with_data_dir(config, data_dir)
+    path = loaded.analytics.alerts_db
+    store = AlertStore.open_existing(path)
+    if store is None:  # reading creates nothing
+        console.print(f"no alert database at {path}" + ("" if data_dir else _where_hint()))
+        return
     alerts = store.select() if state == "all" else store.select("state=?", (state,))
     store.close()
     if as_json:
         for alert in alerts:
             typer.echo(msgspec.json.encode(alert).decode())
         return
-    table = Table(title=f"{len(alerts)} {state} alerts")
-    for column in ("id", "severity", "rule", "entity", "district", "state", "ack", "since",
-                   "value", "message"):  # fmt: skip
-        table.add_column(column)
+    console.print(_table(alerts, f"{len(alerts)} {state} alerts in {path}", state == "all"))
+
+
+def _where_hint() -> str:
+    return " (the demo's alerts: `cityflux alerts list --data-dir var/demo`)"
+
+
+def _table(alerts: list[Alert], title: str, show_state: bool = True) -> Table:
+    """Fits the terminal, 80 columns too: no header is cut. Narrow, each alert's value,
+    message and acknowledgement go on a line under its rule; wide, in columns of their own."""
+    wide = console.width >= 120
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=0,
+                  pad_edge=False, show_edge=False)  # fmt: skip
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("severity", no_wrap=True)
+    # rule names (25 characters at most) and entities (17) stay whole: a message wraps
+    table.add_column("rule" if wide else "rule, message", min_width=25)
+    table.add_column("entity", overflow="fold", max_width=None if wide else 17)
+    if wide:
+        table.add_column("district", no_wrap=True)
+    if show_state:
+        table.add_column("state", no_wrap=True)
+    if wide:
+        table.add_column("acked by", no_wrap=True)
+    table.add_column("since (UTC)", no_wrap=True)
+    if wide:
+        table.add_column("value: message", overflow="fold")
     for a in alerts:
-        table.add_row(
-            str(a.id), a.severity, a.rule, a.entity, a.district, a.state,
-            "yes" if a.acknowledged else "", _when(a.started_ns), f"{a.value:g}", a.message,
-        )  # fmt: skip
-    console.print(table)
+        acked = a.acknowledged_by if a.acknowledged else ""
+        detail = f"{a.value:g}: {a.message}"
+        if wide:
+            rule = Text(a.rule)
+        else:
+            detail += f" (acked by {acked})" if acked else ""
+            rule = Text.assemble(a.rule, "\n", (detail, "dim"))
+        cells: list[str | Text] = [str(a.id), a.severity, rule, a.entity]
+        cells += [a.district] if wide else []
+        cells += [a.state] if show_state else []
+        cells += [acked] if wide else []
+        cells += [_when(a.started_ns, short=True)]
+        cells += [Text(detail)] if wide else []
+        table.add_row(*cells)
+    return table
 
 
 @alerts_app.command("ack")
 def ack(
     alert_id: Annotated[int, typer.Argument(help="the alert's id (from `alerts list`)")],
     by: Annotated[str, typer.Option(help="who acknowledges")] = "operator",
+    force: Annotated[
+        bool, typer.Option(help="acknowledge it again although another operator did")
+    ] = False,
+    data_dir: DataDirOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Acknowledge an alert: in the alert database, and over MQTT for a running cityflux.
 
-    Any failure is one line on stderr and exit code 1."""
-    loaded = load_or_exit(config)
+    An alert another operator acknowledged is refused (exit 1) unless --force; both
+    acknowledgements are kept. An alert that already cleared is acknowledged for the record,
+    and the message says it cleared. Any failure is one line on stderr and exit code 1."""
+    loaded = load_with_data_dir(config, data_dir)
+    path = loaded.analytics.alerts_db
     try:
-        store = AlertStore(loaded.analytics.alerts_db)
+        store = AlertStore.open_existing(path)
+        if store is None:
+            _fail(f"no alert database at {path}: no alert {alert_id} to acknowledge")
         try:
-            alert = store.acknowledge(alert_id, by)
+            result = store.acknowledge(alert_id, by, force)
         finally:
             store.close()
     except (sqlite3.Error, OSError) as exc:
-        _fail(f"alert database {loaded.analytics.alerts_db}: {exc}")
+        _fail(f"alert database {path}: {exc}")
+    alert = result.alert
     if alert is None:
-        _fail(f"no alert {alert_id}")
+        _fail(f"no alert {alert_id} in {path}")
+    name = f"alert {alert_id} ({alert.rule} {alert.entity})"
+    if result.status == "refused":
+        _fail(
+            f"{name} was acknowledged by {result.previous_by} at {_when(result.previous_ns)}; "
+            f"not acknowledged by {by} (add --force to acknowledge it too: both are recorded)"
+        )
+    cleared = (
+        f"; it had already cleared at {_when(alert.cleared_ns)}, acknowledged for the record"
+        if alert.state == "cleared"
+        else ""
+    )
+    done = (
+        f"was already acknowledged by {by} at {_when(result.previous_ns)}"
+        if result.status == "already"
+        else "acknowledged"
+    )
+    # sent again when it was already acknowledged: a retry after the broker was unreachable
     try:
-        publish_ack(loaded.mqtt, alert_id, by)
+        publish_ack(loaded.mqtt, alert_id, by, force=force)
     except CityfluxError as exc:
         _fail(
-            f"alert {alert_id} acknowledged in the database but not sent to the broker: {exc} "
-            "(the alert database has it; a running cityflux learns it at its next start)"
+            f"{name} {done} in the database but not sent to the broker: {exc} "
+            f"(the alert database has it; a running cityflux learns it at its next start){cleared}"
         )
-    console.print(
-        f"alert {alert_id} ({alert.rule} {alert.entity}) acknowledged by {by} "
-        "and sent to the broker",
-        markup=False,
-        soft_wrap=True,
-    )
+    if result.status == "already":
+        _say(f"{name} {done}; sent to the broker again{cleared}")
+        return
+    over = f" (over {result.previous_by}'s, with --force)" if result.previous_by else ""
+    _say(f"{name} acknowledged by {by}{over} and sent to the broker{cleared}")
 
 
-def _fail(message: str) -> NoReturn:
+def _say(message: str) -> None:
+    console.print(message, markup=False, soft_wrap=True, highlight=False)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
     """One line on stderr (no wrapping, no markup: exception texts hold brackets), exit 1."""
     typer.echo(" ".join(message.split()), err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
-def publish_ack(mqtt: MqttConfig, alert_id: int, by: str, timeout_s: float = ACK_TIMEOUT_S) -> None:
-    """Publish ``{"id", "by"}`` on ``{root}/alerts/ack`` at QoS 1 and wait for the broker's
+def publish_ack(
+    mqtt: MqttConfig, alert_id: int, by: str, timeout_s: float = ACK_TIMEOUT_S, force: bool = False
+) -> None:
+    """Publish ``{"id", "by", "force"}`` on ``{root}/alerts/ack`` at QoS 1 and wait for the broker's
     PUBACK. TLS for ``mqtts://`` or ``tls.enabled`` before anything is sent, so the password
     never crosses in clear to a TLS URL. Raises MqttError saying what failed."""
     answers: dict[str, ReasonCode] = {}
@@ -122,7 +200,11 @@ def publish_ack(mqtt: MqttConfig, alert_id: int, by: str, timeout_s: float = ACK
     try:
         _await(done, answers, "connect", timeout_s)
         topic = f"{mqtt.topic_root}/alerts/ack"
-        info = client.publish(topic, msgspec.json.encode({"id": alert_id, "by": by}), qos=1)
+        message: dict[str, object] = {"id": alert_id, "by": by}
+        if force:  # only then: the message stays what older cityflux versions decode
+            message["force"] = True
+        payload = msgspec.json.encode(message)
+        info = client.publish(topic, payload, qos=1)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"publish failed: {paho.error_string(info.rc)}")
         code = _await(done, answers, "puback", timeout_s)

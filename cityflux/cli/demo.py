@@ -13,7 +13,7 @@ from typing import Annotated
 import msgspec
 import numpy as np
 import typer
-from rich.console import Group
+from rich.console import RenderableType
 from rich.live import Live
 from rich.table import Table
 
@@ -28,6 +28,15 @@ from cityflux.cli.common import (
     redraw_while,
     setup_logging,
 )
+from cityflux.cli.demo_figures import (
+    PARTS,
+    Counted,
+    Points,
+    Published,
+    Reconciliation,
+    points_in_influxdb,
+)
+from cityflux.cli.demo_view import Frame, SegmentRow, TpiRow, render
 from cityflux.cli.simulate import make_simulation, write_outputs
 from cityflux.config import Config
 from cityflux.errors import CityfluxError
@@ -46,7 +55,7 @@ class DemoState:
     writer: InfluxWriter
     began: float = field(default_factory=time.monotonic)
     sim_now: float = 0.0
-    published: int = 0
+    published: int = 0  # messages the simulator published so far (births on own links too)
     stored: dict[str, dict[str, int]] = field(default_factory=dict)  # district -> kind -> n
     last_query: float = 0.0
     rate: float = 0.0
@@ -69,6 +78,41 @@ class DemoState:
                 active = self.alerts.select("state='active'")
                 self.active = sorted(active, key=lambda a: (rank.get(a.severity, 9), -a.id))
 
+    def figures(self, summary: RunSummary | None = None) -> Reconciliation:
+        """Live: the simulator's count so far; at the end: its summary (with the wills)."""
+        messages = summary.messages if summary is not None else self.published
+        wills = summary.wills if summary is not None else 0
+        per_message = self.sim.scenario.publish.readings_per_message
+        return Reconciliation(
+            Published.of(self.sim, messages, wills), Counted.of(self.pipeline.metrics, per_message)
+        )
+
+    def frame(self) -> Frame:
+        sim = self.sim
+        devices = len(sim.devices.ids)
+        metrics = self.pipeline.metrics
+        rejections = {
+            key.split(".", 1)[1]: int(value)
+            for key, value in metrics.snapshot().items()
+            if key.startswith("rejections_total.") and value
+        }
+        frame = Frame(
+            scenario=sim.scenario.name,
+            clock=_clock(self.sim_now, sim),
+            elapsed_s=time.monotonic() - self.began,
+            rate=self.rate,
+            devices=devices,
+            online=devices - sim.expected.offline_now,
+            figures=self.figures(),
+            published_by_district=dict(sim.expected.readings_by_district),
+            stored=self.stored,
+            rejections=rejections,
+            analytics=self.pipeline.analytics is not None,
+            alerts=self.active,
+        )
+        _add_traffic(frame, self.pipeline)
+        return frame
+
 
 def stored_by_district(writer: InfluxWriter) -> dict[str, dict[str, int]]:
     """Readings in InfluxDB per district and kind (traffic: one per lane)."""
@@ -87,7 +131,9 @@ def stored_by_district(writer: InfluxWriter) -> dict[str, dict[str, int]]:
 @app.command()
 def demo(
     scenario: Annotated[str, typer.Option(help="scenario name or file")] = "rush-hour-incident",
-    speed: Annotated[str, typer.Option(help="x real time, or 'max'")] = "60",
+    speed: Annotated[
+        str, typer.Option(envvar="CITYFLUX_DEMO_SPEED", help="x real time, or 'max'")
+    ] = "60",
     duration: Annotated[
         float, typer.Option(help="stop after this many seconds (0: at the end)")
     ] = (0),
@@ -103,6 +149,10 @@ def demo(
     setup_logging(False)
     with ExitStack() as stack:
         try:
+            if mqtt_url is None:
+                # the demo's own broker starts empty too: births and alerts it retained in an
+                # earlier demo would reach cityflux again, beyond what this run published
+                shutil.rmtree(data_dir / "mosquitto", ignore_errors=True)
             loaded = local_stack(stack, data_dir, mqtt_url, influx_url, config)
             sim = make_simulation(
                 scenario, speed=parse_speed(speed), topic_root=loaded.mqtt.topic_root
@@ -119,14 +169,17 @@ def demo(
         except (CityfluxError, OSError, ValueError) as exc:
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(1) from exc
-        summary = _run(sim, pipeline, loaded, parse_speed(speed), duration)
+        summary, figures, points = _run(sim, pipeline, loaded, parse_speed(speed), duration)
         write_outputs(sim, data_dir / "scenarios" / sim.scenario.name)
-        _print_epilogue(sim, summary, loaded, data_dir, influx_url is None)
+        _print_epilogue(sim, summary, figures, points)
+        _print_hints(loaded, data_dir, influx_url is None)
 
 
 def _run(
     sim: Simulation, pipeline: Pipeline, config: Config, speed: float, duration: float
-) -> RunSummary | None:
+) -> tuple[RunSummary | None, Reconciliation, Points | None]:
+    """Simulate while the live view redraws; then the final figures (all delivered and
+    durable) and the points in InfluxDB by what they are."""
     state = DemoState(sim, pipeline, InfluxWriter(config.influx))
     if pipeline.analytics is not None:
         state.alerts = AlertStore(config.analytics.alerts_db)
@@ -139,97 +192,59 @@ def _run(
     def simulate() -> None:
         outcome.append(run_simulation(sim, config.mqtt, speed, stop=stop, on_progress=progress))
 
-    def redraw() -> Group:
+    def redraw() -> RenderableType:
         state.refresh()
-        return _view(state)
+        return render(state.frame(), console)
 
     simulator = threading.Thread(target=simulate, name="simulator", daemon=True)
     simulator.start()
     try:
-        with Live(_view(state), console=console, refresh_per_second=2) as live:
+        with Live(render(state.frame(), console), console=console, refresh_per_second=2) as live:
             redraw_while(live, simulator, duration, redraw)
             stop.set()
             simulator.join(timeout=60)
             pipeline.drain(at_least=outcome[0].messages if outcome else 0)
             state.last_query = 0.0
             state.refresh()
-            live.update(_view(state))
+            live.update(render(state.frame(), console))
     except KeyboardInterrupt:
         stop.set()
         simulator.join(timeout=60)
         pipeline.drain()
     exit_if_failed(pipeline)
-    return outcome[0] if outcome else None
-
-
-def _view(state: DemoState) -> Group:
-    metrics = state.pipeline.metrics
-    sim = state.sim
-    overview = Table(title=f"cityflux demo: {sim.scenario.name}", show_header=False)
-    clock = (
-        time.strftime("%H:%M", time.gmtime(state.sim_now + _offset_s(sim)))
-        if state.sim_now
-        else "-"
-    )
-    overview.add_row("simulated time (local)", clock)
-    overview.add_row("messages/s into cityflux", f"{state.rate:,.0f}")
-    overview.add_row("messages published", f"{state.published:,}")
-    overview.add_row("messages acknowledged", f"{metrics.value('messages_acked_total'):,.0f}")
-    devices = len(sim.devices.ids)
-    overview.add_row("devices online", f"{devices - sim.expected.offline_now:,} / {devices:,}")
-    overview.add_row("points written", f"{metrics.value('lines_written_total'):,.0f}")
-    overview.add_row("spooled (InfluxDB down)", f"{metrics.value('lines_spooled_total'):,.0f}")
-    rejections = Table(title="rejections by reason", min_width=40)
-    rejections.add_column("reason")
-    rejections.add_column("count", justify="right")
-    for key, value in sorted(metrics.snapshot().items()):
-        if key.startswith("rejections_total.") and value:
-            rejections.add_row(key.split(".", 1)[1], f"{value:,.0f}")
-    if not rejections.row_count:
-        rejections.add_row("(none)", "0")
-    districts = Table(title="per district: readings published, points in InfluxDB")
-    for column in ("district", "published", "pole", "manhole", "traffic (per lane)"):
-        districts.add_column(column, justify="right")
-    published = sim.expected.readings_by_district
-    for district in sorted(set(state.stored) | set(published)):
-        row = state.stored.get(district, {})
-        districts.add_row(
-            district, f"{published[district]:,}", *(f"{row.get(k, 0):,}" for k in STORED_FIELDS)
+    summary = outcome[0] if outcome else None
+    try:
+        points: Points | None = Points(
+            int(pipeline.metrics.value("lines_written_total")), points_in_influxdb(state.writer)
         )
-    return Group(overview, rejections, districts, *_analytics_view(state))
+    except CityfluxError:  # the database is down: the points are in the spool
+        points = None
+    state.writer.close()
+    return summary, state.figures(summary), points
 
 
-def _analytics_view(state: DemoState) -> list[Table]:
-    if state.pipeline.analytics is None:
-        return []
-    tpi = Table(title="congestion (GB/T 33171 TPI, last minute)")
-    for column in ("district", "TPI", "level", "congested length", "CV"):
-        tpi.add_column(column, justify="right")
-    top = Table(title="most congested segments")
-    for column in ("segment", "direction", "TPI", "speed km/h", "LOS"):
-        top.add_column(column, justify="right")
-    latest = state.pipeline.latest_traffic()
-    if latest is not None:
-        links, rollup = latest.links, latest.rollup
-        names = [*latest.district_ids, "city"]
-        for i, name in enumerate(names):
-            value = rollup.tpi[i]
-            if not np.isnan(value):
-                level = TPI_LEVELS[min(int(value // 2), 4)]
-                tpi.add_row(name, f"{value:.1f}", level, f"{rollup.congested_share[i]:.0%}",
-                            f"{rollup.cv[i]:.2f}")  # fmt: skip
-        order = np.argsort(-np.nan_to_num(links.tpi, nan=-1.0))[:5]
-        for i in order.tolist():
-            if not np.isnan(links.tpi[i]):
-                top.add_row(latest.link_segment[i], latest.link_direction[i],
-                            f"{links.tpi[i]:.1f}", f"{links.speed_kmh[i]:.0f}",
-                            str(links.los[i]))  # fmt: skip
-    alerts = Table(title=f"active alerts ({len(state.active)})")
-    for column in ("id", "severity", "rule", "entity", "message"):
-        alerts.add_column(column)
-    for alert in state.active[:8]:
-        alerts.add_row(str(alert.id), alert.severity, alert.rule, alert.entity, alert.message)
-    return [tpi, top, alerts]
+def _clock(sim_now: float, sim: Simulation) -> str:
+    return time.strftime("%H:%M", time.gmtime(sim_now + _offset_s(sim))) if sim_now else "-"
+
+
+def _add_traffic(frame: Frame, pipeline: Pipeline) -> None:
+    """The last closed minute's congestion per district and its worst segments."""
+    latest = pipeline.latest_traffic()
+    if latest is None:
+        return
+    links, rollup = latest.links, latest.rollup
+    for i, name in enumerate([*latest.district_ids, "city"]):
+        value = float(rollup.tpi[i])
+        if not np.isnan(value):
+            level = TPI_LEVELS[min(int(value // 2), 4)]
+            frame.tpi[name] = TpiRow(value, level, float(rollup.congested_share[i]),
+                                     float(rollup.cv[i]))  # fmt: skip
+    order = np.argsort(-np.nan_to_num(links.tpi, nan=-1.0))[:5]
+    for i in order.tolist():
+        if not np.isnan(links.tpi[i]):
+            frame.segments.append(SegmentRow(latest.link_segment[i], latest.link_direction[i],
+                                             float(links.tpi[i]), float(links.speed_kmh[i]),
+                                             str(links.los[i])))  # fmt: skip
 
 
 def _offset_s(sim: Simulation) -> float:
@@ -237,24 +252,94 @@ def _offset_s(sim: Simulation) -> float:
 
 
 def _print_epilogue(
-    sim: Simulation, summary: RunSummary | None, config: Config, data_dir: Path, embedded: bool
+    sim: Simulation, summary: RunSummary | None, figures: Reconciliation, points: Points | None
 ) -> None:
+    """Where every message and every point went, each term measured, and the line that
+    checks them: published = landed + rejected."""
+    if not console.is_terminal:
+        console.line()  # a live view's last frame ends without one there
     if summary is not None:
         console.print(
-            f"published {summary.messages:,} messages in {summary.wall_s:.1f} s; "
-            f"{sum(sim.expected.points.values()):,} points expected in InfluxDB "
-            f"({dict(sim.expected.points)})"
+            f"published {summary.messages:,} messages in {summary.wall_s:.1f} s "
+            f"({summary.rate:,.0f} msg/s)"
         )
-    db = config.influx.database
-    if embedded:
-        console.print(
-            f"The servers the demo started are stopped; the data stays in {data_dir}.\n"
-            f"To query it:  cityflux up --data-dir {data_dir}   (prints the InfluxDB URL)\n"
-            f"then e.g.:    curl -G URL/query --data-urlencode db={db} "
-            "--data-urlencode 'q=SELECT mean(occupancy_pct) FROM traffic GROUP BY district'"
-        )
+    console.print(_messages_table(figures))
+    if points is not None:
+        console.print(_points_table(sim, points))
+    colour = "green" if figures.adds_up else "red"
+    console.print(f"[bold {colour}]{figures.line()}[/]", soft_wrap=True)
+
+
+def _terms(title: str) -> Table:
+    table = Table(title=title, title_justify="left", title_style="bold", box=None,
+                  show_header=False, pad_edge=False)  # fmt: skip
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    table.add_column(overflow="fold", style="dim")
+    return table
+
+
+def _messages_table(figures: Reconciliation) -> Table:
+    p, c = figures.published, figures.counted
+    readings = p.messages - p.births - p.malformed - p.sent_twice
+    table = _terms("MQTT messages: where each one went")
+    table.add_row("  published by the simulated devices", f"{p.messages:,}",
+                  f"readings {readings:,}, status births {p.births:,}, malformed "
+                  f"{p.malformed:,}, sent twice {p.sent_twice:,}")  # fmt: skip
+    table.add_row("+ wills, published by the broker", f"{p.wills:,}", "dropped connections")
+    table.add_row("+ cityflux's own, on its subscription", f"{c.own:,}",
+                  "alerts, dead letters, its status: not readings")  # fmt: skip
+    table.add_row("+ received again after a redelivery", f"{c.redelivered:,}",
+                  "stored once")  # fmt: skip
+    if figures.unexplained:
+        table.add_row("+ not accounted for", f"{figures.unexplained:,}",
+                      "e.g. retained by the broker from an earlier run")  # fmt: skip
+    table.add_row("= received by cityflux", f"{c.received:,}")
+    table.add_row("  acknowledged after a durable write", f"{c.acked:,}")
+    table.add_row("  devices' messages landed (stored)", f"{c.landed:,}")
+    table.add_row("  devices' messages rejected", f"{c.rejected:,}", "dead-lettered, with why")
+    return table
+
+
+def _points_table(sim: Simulation, points: Points) -> Table:
+    table = _terms("InfluxDB points: what the lines written are")
+    expected = sim.expected.points
+    per_kind = ", ".join(f"{kind} {points.stored.get(kind, 0):,}" for kind in sorted(expected))
+    notes = {
+        "readings": f"{per_kind} (expected {sum(expected.values()):,}; traffic: one per lane)",
+        "analytics": "indices, air quality, noise... per window",
+        "alerts": "a point per alert change",
+        "dead letters": "a point per rejection",
+        "health": "cityflux's own metrics",
+    }
+    for index, part in enumerate(PARTS):
+        label = f"{'  ' if index == 0 else '+ '}{part}"
+        table.add_row(label, f"{points.part(part):,}", notes[part])
+    if points.rewritten >= 0:
+        table.add_row("+ rewrites of a stored point", f"{points.rewritten:,}",
+                      "same series and time, stored once: alert updates, duplicates")  # fmt: skip
     else:
-        console.print(
-            f"Query it:  curl -G {config.influx.url}/query --data-urlencode db={db} "
-            "--data-urlencode 'q=SELECT mean(occupancy_pct) FROM traffic GROUP BY district'"
-        )
+        table.add_row("- points stored before this run", f"{-points.rewritten:,}")
+    table.add_row("= points written by cityflux", f"{points.written:,}")
+    return table
+
+
+def _print_hints(config: Config, data_dir: Path, embedded: bool) -> None:
+    """Commands one per line, continued with backslashes: copy-paste survives any width."""
+    db = config.influx.database
+    query = [
+        f"    --data-urlencode db={db} \\",
+        "    --data-urlencode 'q=SELECT mean(speed_kmh) FROM traffic GROUP BY district'",
+    ]
+    if embedded:
+        lines = [
+            f"The servers the demo started are stopped; the data stays in {data_dir}.",
+            "To query it, start them again (this prints the InfluxDB URL):",
+            f"  cityflux up --data-dir {data_dir}",
+            "then, in another shell:",
+            "  curl -G URL/query \\",
+            *query,
+        ]
+    else:
+        lines = ["Query it:", f"  curl -G {config.influx.url}/query \\", *query]
+    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)

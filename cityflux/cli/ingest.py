@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
+import os
 import signal
-import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -61,13 +65,26 @@ def run(
     setup_logging(verbose)
     loaded = load_or_exit(config)
     if workers > 1 and worker_index < 0:
-        raise typer.Exit(_supervise(config, workers, verbose))
+        raise typer.Exit(_supervise(loaded, workers))
+    _run_worker(loaded, max(worker_index, 0), workers)
+
+
+def _run_worker(config: Config, worker: int, workers: int) -> None:
     try:
-        pipeline = Pipeline(loaded, max(worker_index, 0), workers)
+        pipeline = Pipeline(config, worker, workers)
     except CityfluxError as exc:  # e.g. an unreadable TLS file: one line, not a traceback
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from exc
     _run_until_signal(pipeline)
+
+
+def _forked_worker(config: Config, worker: int, workers: int) -> None:
+    """A worker process's body: outside typer's own handling, its Exit must become the
+    process's exit status."""
+    try:
+        _run_worker(config, worker, workers)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
 
 
 def _run_until_signal(pipeline: Pipeline) -> None:
@@ -85,39 +102,58 @@ def _run_until_signal(pipeline: Pipeline) -> None:
     exit_if_failed(pipeline)
 
 
-def _supervise(config: Path | None, workers: int, verbose: bool) -> int:
-    """Start one process per worker; stop them all on a signal or when one fails, and exit
-    with its status: restarting is systemd's or compose's job, for the whole set."""
-    base = [sys.executable, "-m", "cityflux", "run", "--workers", str(workers)]
-    if config is not None:
-        base += ["--config", str(config)]
-    if verbose:
-        base.append("--verbose")
-    children = [subprocess.Popen([*base, "--worker-index", str(i)]) for i in range(workers)]
+def _supervise(config: Config, workers: int) -> int:
+    """Fork one process per worker; stop them all on a signal or when one fails, and exit
+    with its status: restarting is systemd's or compose's job, for the whole set.
+
+    Forked, not started as new interpreters: this process has done the start-up once (the
+    imports, ~0.4 CPU-s, and the configuration) and each worker begins from it in
+    milliseconds, its pages shared copy-on-write (docs/performance.md, "Workers"). No thread
+    of ours runs yet, so forking is safe; each worker builds its own pipeline (sockets,
+    threads) after the fork."""
+    context = multiprocessing.get_context("fork")
+    # numpy.unique (the readings count of every batch) imports numpy.ma on its first call:
+    # here once, not in each worker's first batch (py-spy, bench/scale)
+    import numpy.ma  # noqa: F401
+
+    # start-up's objects out of the collector's sight: the workers' collections then do not
+    # write to (and so copy) the pages they share with this process
+    gc.freeze()
+    children = [
+        context.Process(
+            target=_forked_worker, args=(config, i, workers), name=f"cityflux-worker-{i}"
+        )
+        for i in range(workers)
+    ]
+    for child in children:
+        child.start()
 
     def forward(signum: int, frame: FrameType | None) -> None:
         for child in children:
-            child.send_signal(signum)
+            if child.pid is not None and child.exitcode is None:
+                os.kill(child.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     failed = _first_failure(children)
     if failed is not None:
         console.print(
-            f"[red]worker {failed} exited with status {children[failed].returncode}: "
+            f"[red]worker {failed} exited with status {children[failed].exitcode}: "
             "stopping the others[/]"
         )
         for child in children:
-            if child.poll() is None:
+            if child.exitcode is None:
                 child.terminate()
-    return max(child.wait() for child in children)
+    for child in children:
+        child.join()
+    return max(child.exitcode or 0 for child in children)
 
 
-def _first_failure(children: list[subprocess.Popen[bytes]]) -> int | None:
+def _first_failure(children: Sequence[BaseProcess]) -> int | None:
     """Wait until every worker ended (None) or one ended with a non-zero status (its index):
     a worker that gave up must not leave its share of the subscription unserved."""
     while True:
-        codes = [child.poll() for child in children]
+        codes = [child.exitcode for child in children]
         for index, code in enumerate(codes):
             if code:
                 return index
@@ -128,28 +164,56 @@ def _first_failure(children: list[subprocess.Popen[bytes]]) -> int | None:
 
 @app.command()
 def up(
-    data_dir: Annotated[Path, typer.Option(help="where the local servers keep data")] = Path(
-        "var/local"
-    ),
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            envvar="CITYFLUX_DATA_DIR",
+            help="where the local servers and cityflux keep data; a demo's (var/demo) "
+            "continues its city (its city-map.json)",
+        ),
+    ] = Path("var/local"),
     duration: Annotated[float, typer.Option(help="stop after this many seconds (0: never)")] = 0,
+    config: ConfigOption = None,
 ) -> None:
     """Start a local mosquitto and InfluxDB, and ingest from one into the other."""
     setup_logging(False)
     with ExitStack() as stack:
-        config = local_stack(stack, data_dir)
-        pipeline = stack.enter_context(Pipeline(config, connect_timeout_s=10))
-        console.print(
-            f"[bold]cityflux is up[/]: broker {config.mqtt.url}, InfluxDB {config.influx.url} "
-            f"(database {config.influx.database}), metrics "
-            f"http://127.0.0.1:{pipeline.server.port if pipeline.server else 0}/metrics\n"
-            f"publish:  mosquitto_pub -p {config.mqtt.port} -q 1 -t "
-            'cityflux/v1/centre/pole/pole-1 -m \'{"ts": '
-            f'{time.time_ns() // 1_000_000}, "pm25_ugm3": 12.5}}\'\n'
-            f"query:    curl -G {config.influx.url}/query --data-urlencode db=cityflux "
-            "--data-urlencode 'q=SELECT * FROM pole'"
-        )
+        try:
+            loaded = local_stack(stack, data_dir, config_path=config)
+            pipeline = stack.enter_context(Pipeline(loaded, connect_timeout_s=10))
+        except CityfluxError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from exc
+        _print_how_to_use(loaded, pipeline, data_dir)
         _show_status(pipeline, duration)
     exit_if_failed(pipeline)
+
+
+def _print_how_to_use(config: Config, pipeline: Pipeline, data_dir: Path) -> None:
+    """One command per line, continued with backslashes: copy-paste survives any width."""
+    metrics = f"http://127.0.0.1:{pipeline.server.port if pipeline.server else 0}/metrics"
+    now_ms = time.time_ns() // 1_000_000
+    reading = f'{{"ts": {now_ms}, "pm25_ugm3": 12.5}}'
+    lines = [
+        f"cityflux is up: broker {config.mqtt.url}",
+        f"  InfluxDB {config.influx.url} (database {config.influx.database})",
+        f"  metrics {metrics}",
+        f"  data in {data_dir}, city map {config.analytics.city_map}",
+        "In another shell, the other commands find these servers with:",
+        f"  export CITYFLUX_DATA_DIR={data_dir.resolve()}",
+        "or:",
+        f"  export CITYFLUX_MQTT__URL={config.mqtt.url}",
+        f"  export CITYFLUX_INFLUX__URL={config.influx.url}",
+        "Publish a reading:",
+        f"  mosquitto_pub -p {config.mqtt.port} -q 1 \\",
+        "    -t cityflux/v1/centre/pole/pole-1 \\",
+        f"    -m '{reading}'",
+        "Read it back:",
+        f"  curl -G {config.influx.url}/query \\",
+        f"    --data-urlencode db={config.influx.database} \\",
+        "    --data-urlencode 'q=SELECT * FROM pole'",
+    ]
+    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
 def _show_status(pipeline: Pipeline, duration: float) -> None:

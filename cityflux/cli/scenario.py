@@ -4,6 +4,7 @@ scored against its ground truth."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import Counter
 from contextlib import ExitStack
@@ -12,10 +13,18 @@ from typing import Annotated, Any
 
 import msgspec
 import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cityflux.analytics.alerts import Alert
-from cityflux.cli.common import ConfigOption, app, console, local_stack, setup_logging
+from cityflux.cli.common import (
+    ConfigOption,
+    app,
+    console,
+    local_stack,
+    scenario_database,
+    setup_logging,
+)
 from cityflux.cli.extras import require
 from cityflux.cli.simulate import make_simulation
 from cityflux.config import Config
@@ -61,11 +70,15 @@ def run_command(
     with ExitStack() as stack:
         try:
             loaded, sim = _prepare(stack, name, duration, run_dir, mqtt_url, influx_url, config)
-            figures = execute(loaded, sim)
+            figures = execute(loaded, sim, show_progress=True)
         except (CityfluxError, OSError, ValueError) as exc:
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(1) from exc
     _print_scores(figures)
+    console.print(
+        f"data in {run_dir}: `cityflux alerts list --state all --data-dir {run_dir}`",
+        markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
     if report is not None:
         from cityflux.simulators.report import render  # matplotlib: the [report] extra
 
@@ -93,18 +106,64 @@ def _prepare(
     (run_dir / "truth.json").write_bytes(msgspec.json.encode(sim.truth))
     overrides = {"analytics.city_map": str(city_map.resolve())}
     if influx_url is None:  # our own InfluxDB: a database per scenario
-        overrides["influx.database"] = f"scenario_{sim.scenario.name.replace('-', '_')}"
+        overrides["influx.database"] = scenario_database(sim.scenario.name)
     return loaded.with_overrides(overrides), sim
 
 
-def execute(config: Config, sim: Simulation, speed: float = math.inf) -> dict[str, Any]:
-    """Run the simulation through a pipeline with analytics; return the report's figures."""
-    with Pipeline(config, connect_timeout_s=15) as pipeline:
-        summary = run_simulation(sim, config.mqtt, speed)
-        pipeline.drain(timeout_s=300, at_least=summary.messages)
+def execute(
+    config: Config, sim: Simulation, speed: float = math.inf, *, show_progress: bool = False
+) -> dict[str, Any]:
+    """Run the simulation through a pipeline with analytics; return the report's figures.
+    ``show_progress``: bars for publishing and for cityflux acknowledging, with counts and
+    rates, then the closing of the windows."""
+    with Pipeline(config, connect_timeout_s=15) as pipeline, _bars(show_progress) as bars:
+        began = time.monotonic()
+        publish = bars.add_task("publishing (simulated time)", total=sim.end_s - sim.start_s,
+                                counts="")  # fmt: skip
+        stored = bars.add_task("acknowledged by cityflux", total=None, counts="")
+        done = threading.Event()
+
+        def acked() -> None:  # the pipeline's own counter, while it catches up
+            while not done.wait(0.25):
+                count = int(pipeline.metrics.value("messages_acked_total"))
+                bars.update(stored, completed=count, counts=_counts(count, began))
+
+        def published(sim_now: float, count: int) -> None:
+            bars.update(publish, completed=sim_now - sim.start_s, counts=_counts(count, began))
+            bars.update(stored, total=count)
+
+        watcher = threading.Thread(target=acked, name="scenario-progress", daemon=True)
+        watcher.start()
+        try:
+            summary = run_simulation(sim, config.mqtt, speed, on_progress=published)
+            bars.update(publish, completed=sim.end_s - sim.start_s)
+            pipeline.drain(timeout_s=300, at_least=summary.messages)
+        finally:
+            done.set()
+            watcher.join()
+        received = int(pipeline.metrics.value("messages_received_total"))
+        bars.update(stored, total=received, completed=received, counts=_counts(received, began))
+        closing = bars.add_task("closing the analytics windows", total=1, counts="")
         pipeline.stop_running()
         pipeline.finish_windows()  # the end of the run: close every window
+        bars.update(closing, completed=1)
         return figures(config, sim, summary, pipeline.alert_history())
+
+
+def _bars(show: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<30}"),
+        BarColumn(bar_width=24),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show,
+    )
+
+
+def _counts(messages: int, began: float) -> str:
+    return f"{messages:,} msgs {messages / max(time.monotonic() - began, 1e-3):,.0f}/s"
 
 
 def figures(
@@ -158,7 +217,14 @@ def _print_scores(figures: dict[str, Any]) -> None:
             _fmt(s["precision"]), _fmt(s["recall"]), _fmt(s["mean_time_to_detect_s"]),
         )  # fmt: skip
     console.print(table)
-    console.print(f"alerts by rule: {figures['alert_counts']}")
+    counts = Table(title="alerts by rule")
+    counts.add_column("rule")
+    counts.add_column("alerts", justify="right")
+    for rule, count in sorted(figures["alert_counts"].items(), key=lambda item: -item[1]):
+        counts.add_row(rule, f"{count:,}")
+    if not counts.row_count:
+        counts.add_row("(none)", "0")
+    console.print(counts)
 
 
 def _fmt(value: float | None) -> str:

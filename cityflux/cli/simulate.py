@@ -13,11 +13,18 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cityflux.cli.common import ConfigOption, app, console, load_or_exit
+from cityflux.cli.common import (
+    ConfigOption,
+    DataDirOption,
+    app,
+    broker_error,
+    console,
+    load_with_data_dir,
+)
 from cityflux.config import Config
 from cityflux.errors import CityfluxError
 from cityflux.simulators.citygen import CitySpec, generate_city, to_geojson
-from cityflux.simulators.recording import Recorder, ReplayPlan
+from cityflux.simulators.recording import Recorder, ReplayPlan, read_recording
 from cityflux.simulators.runner import RunSummary, parse_speed, run_replay, run_simulation
 from cityflux.simulators.scenario import Scenario, list_scenarios, load_scenario
 from cityflux.simulators.simulation import Simulation
@@ -30,8 +37,8 @@ SpeedOption = Annotated[
 MqttUrl = Annotated[str | None, typer.Option("--mqtt-url", help="broker (default: config)")]
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]{exc}[/]")
+def _fail(exc: Exception | str) -> typer.Exit:
+    console.print(f"[red]{exc}[/]", soft_wrap=True, highlight=False)  # copy-paste: no wraps
     return typer.Exit(1)
 
 
@@ -120,13 +127,14 @@ def simulate(
         typer.Option(help="local start HH:MM, or 'now' (live at --speed 1); default: scenario's"),
     ] = None,
     mqtt_url: MqttUrl = None,
+    data_dir: DataDirOption = None,
     out_dir: Annotated[Path, typer.Option(help="ground truth and expected counts")] = Path(
         "var/scenarios"
     ),
     config: ConfigOption = None,
 ) -> None:
     """Publish a scenario's simulated city to the broker, with progress and a summary."""
-    loaded = mqtt_config(load_or_exit(config), mqtt_url)
+    loaded = mqtt_config(load_with_data_dir(config, data_dir), mqtt_url)
     try:
         sim = make_simulation(
             scenario,
@@ -138,7 +146,7 @@ def simulate(
         )
         summary = _with_progress(sim, loaded, parse_speed(speed))
     except (CityfluxError, OSError, ValueError) as exc:
-        raise _fail(exc) from exc
+        raise _fail(broker_error(exc, loaded.mqtt.url)) from exc
     truth, expected = write_outputs(sim, out_dir / sim.scenario.name)
     console.print(_summary_table(sim, summary))
     console.print(f"ground truth: {truth}\nexpected counts: {expected}")
@@ -151,10 +159,7 @@ def _with_progress(sim: Simulation, config: Config, speed: float) -> RunSummary:
         began = time.monotonic()
 
         def update(sim_now: float, published: int) -> None:
-            rate = published / max(time.monotonic() - began, 1e-3)
-            progress.update(
-                task, completed=sim_now - sim.start_s, rate=f"{published:,} msgs {rate:,.0f}/s"
-            )
+            progress.update(task, completed=sim_now - sim.start_s, rate=_counts(published, began))
 
         try:
             return run_simulation(sim, config.mqtt, speed, stop=stop, on_progress=update)
@@ -163,16 +168,23 @@ def _with_progress(sim: Simulation, config: Config, speed: float) -> RunSummary:
             raise
 
 
-def _progress() -> Progress:
+def _progress(percent: bool = True) -> Progress:
+    """A bar with counts and rates; ``percent`` only when there is a total to be a share of
+    (without one the bar pulses instead of standing at 0 %)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
+        *([TextColumn("{task.percentage:>3.0f}%")] if percent else []),
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         console=console,
         transient=False,
     )
+
+
+def _counts(messages: int, began: float) -> str:
+    rate = messages / max(time.monotonic() - began, 1e-3)
+    return f"{messages:,} msgs {rate:,.0f}/s"
 
 
 def _summary_table(sim: Simulation, summary: RunSummary) -> Table:
@@ -195,25 +207,33 @@ def record(
     duration: Annotated[float, typer.Option(help="stop after seconds (0: Ctrl-C)")] = 0,
     count: Annotated[int, typer.Option(help="stop after this many messages (0: no limit)")] = 0,
     mqtt_url: MqttUrl = None,
+    data_dir: DataDirOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Capture a broker's traffic (topics, payloads, receive times) into a compressed file."""
-    loaded = mqtt_config(load_or_exit(config), mqtt_url)
+    loaded = mqtt_config(load_with_data_dir(config, data_dir), mqtt_url)
     recorder = Recorder(loaded.mqtt, out, topic)
     try:
         recorder.start()
     except (CityfluxError, OSError) as exc:
-        raise _fail(exc) from exc
+        raise _fail(broker_error(exc, loaded.mqtt.url)) from exc
     console.print(f"subscribed to {topic} on {loaded.mqtt.url}; recording to {out}")
     deadline = time.monotonic() + duration if duration else math.inf
     began = time.monotonic()
+    # the bar runs against the duration (or the message count); with neither, it pulses
+    total = duration or count or None
     try:
-        with _progress() as progress:
-            task = progress.add_task(f"recording {topic}", total=None, rate="")
+        with _progress(percent=total is not None) as progress:
+            task = progress.add_task(f"recording {topic}", total=total, rate="")
             while time.monotonic() < deadline and not (count and recorder.count >= count):
                 time.sleep(0.2)
-                rate = recorder.count / max(time.monotonic() - began, 1e-3)
-                progress.update(task, rate=f"{recorder.count:,} msgs {rate:,.0f}/s")
+                elapsed = time.monotonic() - began
+                against = f" · {min(elapsed, duration):.0f}/{duration:.0f} s" if duration else ""
+                progress.update(
+                    task,
+                    completed=min(elapsed, duration) if duration else recorder.count,
+                    rate=_counts(recorder.count, began) + against,
+                )
     except KeyboardInterrupt:
         pass
     recorder.stop()
@@ -232,23 +252,29 @@ def replay(
     ),
     loop: Annotated[int, typer.Option(help="play it this many times")] = 1,
     mqtt_url: MqttUrl = None,
+    data_dir: DataDirOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Re-publish a recording in its original order, inter-arrival times scaled by --speed."""
-    loaded = mqtt_config(load_or_exit(config), mqtt_url)
+    if not recording.is_file():  # before connecting anywhere: the file is what is missing
+        raise _fail(f"no recording at {recording} (write one with `cityflux record FILE`)")
+    loaded = mqtt_config(load_with_data_dir(config, data_dir), mqtt_url)
     plan = ReplayPlan(speed=parse_speed(speed), loops=loop, shift_to_now=shift_to_now)
+    try:  # one pass to count: the bar is the share of the messages published
+        total = sum(1 for _ in read_recording(recording)[1]) * loop
+    except (CityfluxError, OSError, ValueError) as exc:
+        raise _fail(exc) from exc
     began = time.monotonic()
     try:
         with _progress() as progress:
-            task = progress.add_task(f"replaying {recording.name}", total=None, rate="")
+            task = progress.add_task(f"replaying {recording.name}", total=total, rate="")
 
             def update(at: float, published: int) -> None:
-                rate = published / max(time.monotonic() - began, 1e-3)
-                progress.update(task, rate=f"{published:,} msgs {rate:,.0f}/s")
+                progress.update(task, completed=published, rate=_counts(published, began))
 
             summary = run_replay(recording, plan, loaded.mqtt, on_progress=update)
     except (CityfluxError, OSError, ValueError) as exc:
-        raise _fail(exc) from exc
+        raise _fail(broker_error(exc, loaded.mqtt.url)) from exc
     console.print(
         f"replayed {summary.messages:,} messages in {summary.wall_s:.1f} s "
         f"({summary.rate:,.0f} msg/s)"

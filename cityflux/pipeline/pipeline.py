@@ -45,6 +45,7 @@ from cityflux.supervisor import Component, Policy, Supervisor
 log = logging.getLogger(__name__)
 
 Work = tuple[MessageBatch, BatchOutcome]
+HANDOVER_BATCHES = 4  # batches transformed and waiting for a commit thread
 
 
 class Pipeline:
@@ -120,7 +121,10 @@ class Pipeline:
         )
         self.transform = Transform(config, self.metrics, letters, self.analytics)
         self._next_health = 0.0
-        self._handover: queue.Queue[Work | None] = queue.Queue(1)
+        # room for a few batches: a database write that takes longer than a batch must not
+        # stop the loop that raises alerts (a probe's latency is the loop's, not the write's);
+        # the queue is still bounded, so a stalled database still stops intake
+        self._handover: queue.Queue[Work | None] = queue.Queue(HANDOVER_BATCHES)
         # work of a commit thread that failed, taken first by its restarted successor: the
         # broker redelivers unacknowledged messages only after a reconnect, so dropping the
         # batch would stall its messages until then

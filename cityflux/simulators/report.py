@@ -31,45 +31,79 @@ def _png(figure: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _time(ms: float, offset_h: float = 0.0) -> float:
+def _time(ms: float) -> float:
     """Matplotlib's date number (days since 1970-01-01 UTC, its default epoch)."""
     return ms / 86_400_000
 
 
-def _local_clock(axis: Any, offset_h: float) -> None:
-    """Label the time axis in the city's local time."""
-    tz = dt.timezone(dt.timedelta(hours=offset_h))
+TICK_STEPS_MIN = (5, 10, 15, 20, 30, 60, 120, 180, 360)  # round steps of the time axis
+
+
+def _tick_step_min(span_ms: float, most: int = 10) -> int:
+    """The smallest round step (minutes) that puts at most ``most`` ticks on the span."""
+    span_min = span_ms / 60_000
+    return next((step for step in TICK_STEPS_MIN if span_min / step <= most), TICK_STEPS_MIN[-1])
+
+
+def _time_axis(axis: Any, figures: dict[str, Any], end_ms: float) -> None:
+    """The shared time axis: the run's span, ticks on round local times (HH:00, HH:30...)."""
+    tz = dt.timezone(dt.timedelta(hours=figures["utc_offset_h"]))
+    step = _tick_step_min(end_ms - figures["start_ms"])
+    locator: mdates.DateLocator
+    if step < 60:
+        locator = mdates.MinuteLocator(byminute=range(0, 60, step), tz=tz)  # type: ignore[no-untyped-call]
+    else:
+        locator = mdates.HourLocator(byhour=range(0, 24, step // 60), tz=tz)  # type: ignore[no-untyped-call]
+    axis.xaxis.set_major_locator(locator)
     axis.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=tz))  # type: ignore[no-untyped-call]
+    axis.set_xlim(_time(figures["start_ms"]), _time(end_ms))
+    axis.set_xlabel(f"local time (UTC{figures['utc_offset_h']:+g})")
 
 
-def tpi_plot(figures: dict[str, Any]) -> str:
-    figure, axis = plt.subplots(figsize=(10, 3.6))
-    offset = figures["utc_offset_h"]
+def _end_ms(figures: dict[str, Any]) -> float:
+    """The last instant either panel shows: the run's end, or its last closed window."""
+    last = [p[0] for points in figures["district_tpi"].values() for p in points[-1:]]
+    return float(max([figures["end_ms"], *last]))
+
+
+def timeline_plot(figures: dict[str, Any]) -> str:
+    """Congestion per district above the alerts and the ground truth: two panels on one time
+    axis (shared: an alert sits under the congestion it is about)."""
+    rules = sorted({a["rule"] for a in figures["alerts"]}) or ["(no alerts)"]
+    rows = [f"truth: {t}" for t in sorted({e["type"] for e in figures["truth"]})] + rules
+    upper, lower = 4.4, 0.4 * len(rows) + 1.2  # inches: the TPI panel, a row per rule
+    figure, (tpi, alerts) = plt.subplots(
+        2, 1, sharex=True, figsize=(10, upper + lower),
+        gridspec_kw={"height_ratios": [upper, lower], "hspace": 0.25},
+    )  # fmt: skip
+    _tpi_panel(tpi, figures)
+    _alerts_panel(alerts, figures, rows)
+    _time_axis(alerts, figures, _end_ms(figures))
+    figure.align_ylabels()
+    return _png(figure)
+
+
+def _tpi_panel(axis: Any, figures: dict[str, Any]) -> None:
     for district, points in sorted(figures["district_tpi"].items()):
         if points:
-            times = [_time(p[0], offset) for p in points]
+            times = [_time(p[0]) for p in points]
             axis.plot(times, [p[1] for p in points], label=district, linewidth=1.6)
     for event in figures["truth"]:
         if event["type"] in ("incident", "haze", "rain"):
             end = event.get("end_ms") or figures["end_ms"]
-            axis.axvspan(_time(event["start_ms"], offset), _time(end, offset), alpha=0.12,
+            axis.axvspan(_time(event["start_ms"]), _time(end), alpha=0.12,
                          color="red" if event["type"] == "incident" else "grey")  # fmt: skip
     for level in (2, 4, 6, 8):
         axis.axhline(level, color="#cccccc", linewidth=0.6, zorder=0)
+    axis.grid(axis="x", color="#dddddd", linewidth=0.6)
     axis.set_ylim(0, 10)
     axis.set_ylabel("TPI (GB/T 33171)")
     axis.set_title("Traffic performance index per district (1-minute windows)")
-    _local_clock(axis, offset)
     axis.legend(loc="upper left", ncols=6, fontsize=8)
-    return _png(figure)
 
 
-def timeline_plot(figures: dict[str, Any]) -> str:
-    rules = sorted({a["rule"] for a in figures["alerts"]}) or ["(no alerts)"]
-    truth_types = sorted({e["type"] for e in figures["truth"]})
-    rows = [f"truth: {t}" for t in truth_types] + rules
-    figure, axis = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.2))
-    offset, end_ms = figures["utc_offset_h"], figures["end_ms"]
+def _alerts_panel(axis: Any, figures: dict[str, Any], rows: list[str]) -> None:
+    end_ms = figures["end_ms"]
     for event in figures["truth"]:
         y = rows.index(f"truth: {event['type']}")
         start, end = event["start_ms"], event.get("end_ms") or end_ms
@@ -84,10 +118,8 @@ def timeline_plot(figures: dict[str, Any]) -> str:
                   color=SEVERITY_COLOURS.get(alert["severity"], "#999999"), alpha=0.8)  # fmt: skip
     axis.set_yticks(range(len(rows)), rows, fontsize=8)
     axis.invert_yaxis()
-    _local_clock(axis, offset)
-    axis.set_xlim(_time(figures["start_ms"]), _time(end_ms))
+    axis.grid(axis="x", color="#dddddd", linewidth=0.6)
     axis.set_title("Alerts (coloured by severity) against the scenario's ground truth (grey)")
-    return _png(figure)
 
 
 def render(figures: dict[str, Any]) -> str:
@@ -135,10 +167,9 @@ th {{ background: #f0f0f0; }} img {{ max-width: 100%; }}
 <table><tr><th>event</th><th>events</th><th>detected</th><th>alerts</th><th>matching</th>
 <th>precision</th><th>recall</th><th>mean time to detect (s)</th><th>max (s)</th></tr>
 {scores}</table>
-<h2>Congestion</h2>
-<img id="tpi" alt="TPI per district over time" src="{tpi_plot(figures)}">
-<h2>Alerts and ground truth</h2>
-<img id="timeline" alt="alert timeline" src="{timeline_plot(figures)}">
+<h2>Congestion, alerts and ground truth</h2>
+<img id="timeline" alt="TPI per district over time, above the alerts and the ground truth"
+ src="{timeline_plot(figures)}">
 <h2>Alerts raised, by rule</h2>
 <table><tr><th>rule</th><th>alerts</th></tr>{counts}</table>
 <script type="application/json" id="figures">{data}</script>

@@ -75,10 +75,12 @@ def parse_speed(text: str) -> float:
 
 @dataclass(slots=True)
 class RunSummary:
-    messages: int
+    messages: int  # published by the simulator or replayer (``births_on_links`` included)
     wall_s: float
     sim_s: float
     completed: bool
+    births_on_links: int = 0  # retained births of devices on connections of their own
+    wills: int = 0  # connections dropped: the broker publishes each one's will (offline)
 
     @property
     def rate(self) -> float:
@@ -101,7 +103,7 @@ def run_simulation(
     links = DeviceLinks(mqtt, prefix)
     clock = SimClock(sim.start_s, speed)
     began = time.monotonic()
-    sim_now, completed = sim.start_s, True
+    sim_now, completed, wills = sim.start_s, True, 0
     try:
         for number in sorted(sim.faults.own_connection):
             links.connect(number, sim.devices.status_topic(number), sim.birth_payload(sim.start_s))
@@ -116,12 +118,13 @@ def run_simulation(
                 publisher.flush()
                 for number in tick.disconnect:
                     links.drop(number)
+                wills += len(tick.disconnect)
                 time.sleep(WILL_SETTLE_S)
             for number in tick.reconnect:
                 links.connect(number, sim.devices.status_topic(number), sim.birth_payload(sim_now))
             clock.spread(tick.messages, sim_now, sim.step_s, publisher.publish, stop)
-            if on_progress is not None:
-                on_progress(sim_now, publisher.published)
+            if on_progress is not None:  # the same count as the summary's messages
+                on_progress(sim_now, publisher.published + links.published)
             if stop.is_set():  # what was counted for this tick has been published
                 completed = False
                 publisher.publish(sim.finish(sim_now).messages)
@@ -135,6 +138,8 @@ def run_simulation(
         wall_s=time.monotonic() - began,
         sim_s=sim_now - sim.start_s,
         completed=completed,
+        births_on_links=links.published,
+        wills=wills,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -31,10 +32,54 @@ def run_demo(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
     return output
 
 
-def expected_points(data_dir: Path) -> dict[str, int]:
-    path = data_dir / "scenarios" / "rush-hour-incident" / "expected.json"
-    points: dict[str, int] = msgspec.json.decode(path.read_bytes())["points"]
+def expected_points(data_dir: Path, scenario: str = "rush-hour-incident") -> dict[str, int]:
+    points: dict[str, int] = expected(data_dir, scenario)["points"]
     return points
+
+
+def expected(data_dir: Path, scenario: str) -> dict[str, object]:
+    path = data_dir / "scenarios" / scenario / "expected.json"
+    decoded: dict[str, object] = msgspec.json.decode(path.read_bytes())
+    return decoded
+
+
+RECONCILIATION = re.compile(
+    r"published ([\d,]+) = landed ([\d,]+) \+ rejected ([\d,]+) "
+    r"\(\+ ([\d,]+) duplicates after redelivery\)"
+)
+
+
+def number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def term(output: str, label: str) -> int:
+    """The count on the epilogue's row that starts with ``label``."""
+    match = re.search(rf"^{re.escape(label)}\s+([\d,]+)", output, re.MULTILINE)
+    assert match, f"no row {label!r} in:\n{output}"
+    return number(match.group(1))
+
+
+def reconciliation(output: str) -> tuple[int, int, int, int]:
+    """The demo's last figures: published, landed, rejected, duplicates after redelivery;
+    checked against the message terms above them (each measured on its own)."""
+    match = RECONCILIATION.search(output)
+    assert match, output
+    published, landed, rejected, duplicates = (number(g) for g in match.groups())
+    assert published == landed + rejected
+    by_devices = term(output, "  published by the simulated devices")
+    wills = term(output, "+ wills, published by the broker")
+    own = term(output, "+ cityflux's own, on its subscription")
+    again = term(output, "+ received again after a redelivery")
+    assert published == by_devices + wills and again == duplicates
+    assert term(output, "= received by cityflux") == published + own + duplicates
+    assert term(output, "  acknowledged after a durable write") == published + own
+    assert "not accounted for" not in output
+    written = term(output, "= points written by cityflux")
+    parts = ("  readings", "+ analytics", "+ alerts", "+ dead letters", "+ health")
+    stored = sum(term(output, label) for label in parts)
+    assert written == stored + term(output, "+ rewrites of a stored point")
+    return published, landed, rejected, duplicates
 
 
 def test_demo_from_a_clean_environment_leaves_its_data_in_influxdb(tmp_path: Path) -> None:
@@ -42,12 +87,19 @@ def test_demo_from_a_clean_environment_leaves_its_data_in_influxdb(tmp_path: Pat
     data_dir = tmp_path / "var" / "demo"
     assert "published" in output and "To query it" in output
     assert "devices online" in output and "rejections by reason" in output
-    expected = expected_points(data_dir)
+    assert "districts: messages published, points stored, congestion" in output
+    assert "active alerts (" in output
+    published, landed, rejected, duplicates = reconciliation(output)
+    truth = expected(data_dir, "rush-hour-incident")
+    # no faults in this scenario: every message the simulator counted landed, once
+    assert published == landed == truth["messages"] and rejected == duplicates == 0
+    points = expected_points(data_dir)
+    assert term(output, "  readings") == sum(points.values())
     with LocalInfluxDB(data_dir / "influxdb") as influx:  # the demo stopped its own
         db = InfluxWriter(Config().with_overrides({"influx.url": influx.url}).influx)
         counts = stored(db)
         db.close()
-    assert counts == {m: expected.get(m, 0) for m in counts}
+    assert counts == {m: points.get(m, 0) for m in counts}
     assert counts["traffic"] > 1_000 and counts["pole"] > 100
 
 
@@ -66,6 +118,25 @@ def test_demo_against_external_servers(
     counts = stored(db)
     db.query(f'DROP DATABASE "{database}"', method="POST")
     db.close()
-    expected = expected_points(tmp_path / "var" / "demo")
-    assert counts == {m: expected.get(m, 0) for m in counts}
+    points = expected_points(tmp_path / "var" / "demo")
+    assert counts == {m: points.get(m, 0) for m in counts}
     assert counts["traffic"] > 0
+
+
+def test_demo_figures_add_up_with_faults(tmp_path: Path) -> None:
+    """Outages (births on the devices' own connections, wills from the broker), malformed
+    payloads, duplicates and late delivery: the reconciliation line still adds up, each
+    term as the simulator counted it."""
+    output = run_demo(tmp_path, "--scenario", "device-failure", "--speed", "max")
+    published, landed, rejected, _ = reconciliation(output)
+    truth = expected(tmp_path / "var" / "demo", "device-failure")
+    rejections = truth["rejections"]
+    assert isinstance(rejections, dict)
+    assert rejected == sum(rejections.values()) > 0
+    wills = term(output, "+ wills, published by the broker")
+    assert wills > 0 and published == truth["messages"] + wills
+    assert landed == published - rejected
+    assert re.search(r"sent\s+twice\s+[1-9]", output)
+    points = expected_points(tmp_path / "var" / "demo", "device-failure")
+    assert term(output, "  readings") == sum(points.values())
+    assert term(output, "+ dead letters") > 0
