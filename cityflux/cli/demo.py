@@ -342,4 +342,9 @@ def _print_hints(config: Config, data_dir: Path, embedded: bool) -> None:
         ]
     else:
         lines = ["Query it:", f"  curl -G {config.influx.url}/query \\", *query]
+    lines += [
+        "Its alerts, and its dashboards' queries checked against its data:",
+        f"  cityflux alerts list --data-dir {data_dir}",
+        f"  cityflux dashboards verify --data-dir {data_dir} --allow-empty",
+    ]
     console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)

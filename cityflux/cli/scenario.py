@@ -182,6 +182,7 @@ def figures(
         district_tpi[series["tags"]["district"]] = [
             [v[0] / 1e6, v[1]] for v in series["values"] if v[1] is not None
         ]
+    air_quality = _air_quality(writer, window)
     points = {}
     for measurement, field in COUNTED.items():
         rows = writer.query(f'SELECT count("{field}") FROM "{measurement}" WHERE {window}')
@@ -199,11 +200,34 @@ def figures(
         "messages": summary.messages,
         "points": points,
         "district_tpi": district_tpi,
+        "air_quality": air_quality,
         "truth": msgspec.to_builtins(sim.truth.events),
         "alerts": msgspec.to_builtins(alerts),
         "alert_counts": dict(Counter(a.rule for a in alerts)),
         "scores": as_dicts(score(sim.truth, alerts)),
     }
+
+
+def _air_quality(writer: InfluxWriter, window: str) -> dict[str, dict[str, Any]]:
+    """Per district, the run's highest hourly HJ 633 AQI and what made it: the primary
+    pollutants (all tied ones), those over IAQI 100, the category (air_quality_district,
+    flagged sensors left out)."""
+    result = writer.query(
+        'SELECT max("aqi") AS "aqi", "primary", "exceeding", "category" '
+        f'FROM "air_quality_district" WHERE {window} GROUP BY "district"'
+    )
+    peaks: dict[str, dict[str, Any]] = {}
+    for series in result.get("results", [{}])[0].get("series", []):
+        at = {name: i for i, name in enumerate(series["columns"])}
+        row = series["values"][0]
+        peaks[series["tags"]["district"]] = {
+            "time_ms": row[at["time"]] / 1e6,
+            "aqi": row[at["aqi"]],
+            "primary": row[at["primary"]] or "",
+            "exceeding": row[at["exceeding"]] or "",
+            "category": row[at["category"]],
+        }
+    return peaks
 
 
 def _print_scores(figures: dict[str, Any]) -> None:
@@ -225,6 +249,14 @@ def _print_scores(figures: dict[str, Any]) -> None:
     if not counts.row_count:
         counts.add_row("(none)", "0")
     console.print(counts)
+    if figures.get("air_quality"):
+        air = Table(title="air quality: each district's highest hourly AQI (HJ 633)")
+        for column in ("district", "AQI", "category", "primary", "over 100"):
+            air.add_column(column, justify="right" if column in ("AQI", "category") else "left")
+        for district, peak in sorted(figures["air_quality"].items()):
+            air.add_row(district, _fmt(peak["aqi"]), str(peak["category"]),
+                        peak["primary"] or "-", peak["exceeding"] or "-")  # fmt: skip
+        console.print(air)
 
 
 def _fmt(value: float | None) -> str:

@@ -148,6 +148,7 @@ def render(figures: dict[str, Any]) -> str:
     counts = "".join(f"<tr><td>{html.escape(rule)}</td><td>{n}</td></tr>"
                      for rule, n in sorted(figures["alert_counts"].items()))  # fmt: skip
     stored = ", ".join(f"{k}: {v:,}" for k, v in sorted(figures["points"].items()))
+    air = _air_quality_table(figures.get("air_quality", {}))
     # script content is raw text: only "</" must not appear in it
     data = msgspec.json.encode(figures).decode().replace("</", "<\\/")
     return f"""<!doctype html>
@@ -170,11 +171,29 @@ th {{ background: #f0f0f0; }} img {{ max-width: 100%; }}
 <h2>Congestion, alerts and ground truth</h2>
 <img id="timeline" alt="TPI per district over time, above the alerts and the ground truth"
  src="{timeline_plot(figures)}">
+{air}
 <h2>Alerts raised, by rule</h2>
 <table><tr><th>rule</th><th>alerts</th></tr>{counts}</table>
 <script type="application/json" id="figures">{data}</script>
 </body></html>
 """
+
+
+def _air_quality_table(peaks: dict[str, dict[str, Any]]) -> str:
+    """Each district's highest hourly six-pollutant AQI (HJ 633) and its primary pollutants."""
+    if not peaks:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(district)}</td><td>{_fmt(peak['aqi'])}</td>"
+        f"<td>{_fmt(peak['category'])}</td><td>{html.escape(peak['primary'] or '-')}</td>"
+        f"<td>{html.escape(peak['exceeding'] or '-')}</td></tr>"
+        for district, peak in sorted(peaks.items())
+    )
+    return (
+        "<h2>Air quality: each district's highest hourly AQI (HJ 633-2012)</h2>\n"
+        "<table><tr><th>district</th><th>AQI</th><th>category</th><th>primary pollutants</th>"
+        f"<th>IAQI over 100</th></tr>{rows}</table>"
+    )
 
 
 def _fmt(value: Any) -> str:

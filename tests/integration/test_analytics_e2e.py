@@ -12,6 +12,7 @@ import msgspec
 
 from cityflux.cli.scenario import execute
 from cityflux.config import Config
+from cityflux.simulators.report import render
 from cityflux.simulators.scenario import load_scenario
 from cityflux.simulators.simulation import Simulation
 from cityflux.store.influx import InfluxWriter
@@ -111,6 +112,20 @@ def test_device_failure_raises_the_deadman_alerts(config: Config, tmp_path: Path
 
 
 def test_haze_raises_air_quality_alerts_in_every_district(config: Config, tmp_path: Path) -> None:
-    _, figures = run("haze", config, tmp_path, **{"clock.duration_s": 14_400.0})
+    sim, figures = run("haze", config, tmp_path, **{"clock.duration_s": 14_400.0})
     score = scores(figures)["haze"]
     assert score["recall"] == 1.0 and score["precision"] == 1.0
+    # the report's six-pollutant AQI (HJ 633): every district over 100 at its peak, named
+    # by its primary pollutants, read back from air_quality_district in InfluxDB
+    air = figures["air_quality"]
+    assert set(air) == {d.id for d in sim.city.districts}
+    for district, peak in air.items():
+        assert peak["aqi"] > 100, (district, peak)
+        primaries = set(peak["primary"].split(","))
+        assert primaries <= {"pm25", "pm10", "so2", "no2", "co", "o3_1h", "o3_8h"}
+        assert primaries & {"pm25", "pm10"}, (district, peak)  # haze: particles lead
+        assert set(peak["exceeding"].split(",")) >= primaries - {""}
+    html = render(figures)
+    assert "highest hourly AQI (HJ 633-2012)" in html
+    for peak in air.values():
+        assert f"<td>{peak['primary']}</td>" in html
