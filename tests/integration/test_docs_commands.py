@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,17 @@ def run_block(block: Block, setup: list[Block], cwd: Path, env: dict[str, str], 
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
     return problem
+
+
+@pytest.fixture(autouse=True)
+def terminal_signals() -> Iterator[None]:
+    """Ctrl-C acts as in a terminal even when the suite runs with SIGINT ignored (as a
+    background job of a non-interactive shell does): an ignored SIGINT is inherited through
+    exec, and Python then installs no KeyboardInterrupt handler in the command. A handler of
+    our own is not inherited (exec resets it to the default), so set one while the test runs."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
 
 
 def _interrupt(process: subprocess.Popen[bytes], after_s: float) -> str:
