@@ -111,7 +111,10 @@ class Recorder:
     """Subscribes to ``topic`` on any broker (paho: TLS, auth, v3.1.1/v5) and writes a file."""
 
     def __init__(self, mqtt: MqttConfig, path: Path, topic: str = "#") -> None:
-        self.writer = RecordingWriter(path, Header(source=mqtt.url, topic=topic))
+        # the file is opened once the broker took the connection (start): a refused one must
+        # not leave an empty recording behind, nor overwrite an earlier one
+        self.writer: RecordingWriter | None = None
+        self._path, self._header = path, Header(source=mqtt.url, topic=topic)
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         v5 = mqtt.protocol == "5"
@@ -132,23 +135,28 @@ class Recorder:
 
     @property
     def count(self) -> int:
-        return self.writer.count
+        return 0 if self.writer is None else self.writer.count
 
     def start(self, timeout_s: float = 10.0) -> None:
         self._client.connect(self._mqtt.host, self._mqtt.port, self._mqtt.keepalive_s)
+        self.writer = RecordingWriter(self._path, self._header)  # before any message can come
         self._client.loop_start()
         if not self._subscribed.wait(timeout_s):
+            self.stop()
+            self._path.unlink(missing_ok=True)  # nothing recorded: no empty file left
             raise CityfluxError(f"no subscription on {self._mqtt.url} within {timeout_s:.0f}s")
 
     def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
         with self._lock:
+            assert self.writer is not None  # opened before the network loop started
             self.writer.write(time.time_ns(), message.topic, bytes(message.payload), message.retain)
 
     def stop(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
         with self._lock:
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
 
 
 # -- replay ------------------------------------------------------------------------------------

@@ -35,6 +35,16 @@ def test_record_with_no_broker_says_the_same(tmp_path: Path) -> None:
         app, ["record", str(tmp_path / "x.cfxrec"), "--duration", "1", "--mqtt-url", url]
     )
     assert result.exit_code == 1 and f"no MQTT broker at {url}" in result.output
+    assert not (tmp_path / "x.cfxrec").exists()  # no empty recording left behind
+
+
+def test_a_recording_that_could_not_start_leaves_an_existing_file_alone(tmp_path: Path) -> None:
+    out = tmp_path / "kept.cfxrec"
+    out.write_bytes(b"an earlier recording")
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    result = runner.invoke(app, ["record", str(out), "--duration", "1", "--mqtt-url", url])
+    assert result.exit_code == 1
+    assert out.read_bytes() == b"an earlier recording"
 
 
 def test_replay_of_a_missing_file_names_it_before_connecting(
