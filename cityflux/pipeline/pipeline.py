@@ -122,9 +122,13 @@ class Pipeline:
         self.transform = Transform(config, self.metrics, letters, self.analytics)
         self._next_health = 0.0
         # room for a few batches: a database write that takes longer than a batch must not
-        # stop the loop that raises alerts (a probe's latency is the loop's, not the write's);
-        # the queue is still bounded, so a stalled database still stops intake
+        # stop the loop that raises alerts (a probe's latency is the loop's, not the write's).
+        # Bounded twice: by batches, and by messages to one full batch (_hand_over), so what is
+        # unacknowledged stays within batch_size x (write_concurrency + 2), the figure that
+        # mqtt.receive_maximum and the broker's in-flight limit are sized by (config.py)
         self._handover: queue.Queue[Work | None] = queue.Queue(HANDOVER_BATCHES)
+        self._queued = 0  # messages in the hand-over queue
+        self._queued_changed = threading.Condition()
         # work of a commit thread that failed, taken first by its restarted successor: the
         # broker redelivers unacknowledged messages only after a reconnect, so dropping the
         # batch would stall its messages until then
@@ -209,12 +213,25 @@ class Pipeline:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def _hand_over(self, work: tuple[MessageBatch, BatchOutcome]) -> None:
+        size, limit = len(work[0]), self.config.ingest.batch_size
+        with self._queued_changed:  # small batches queue up; a full one waits for room
+            while self._queued and self._queued + size > limit:
+                if self.stopping.is_set():
+                    return
+                self._queued_changed.wait(0.2)
+            self._queued += size
         while not self.stopping.is_set():
             try:
                 self._handover.put(work, timeout=0.2)
                 return
             except queue.Full:
                 continue
+        self._taken(size)  # stopping: never queued
+
+    def _taken(self, size: int) -> None:
+        with self._queued_changed:
+            self._queued -= size
+            self._queued_changed.notify_all()
 
     def _commit_loop(self, component: Component) -> None:
         """Commit handed-over batches until the end marker. A failure is retried by the
@@ -225,6 +242,8 @@ class Pipeline:
                 work = self._retry.get_nowait()
             except queue.Empty:
                 work = self._handover.get()
+                if work is not None:
+                    self._taken(len(work[0]))
             if work is None:
                 return
             # the watchdog's view: this thread is busy from here until its commit is done (an
