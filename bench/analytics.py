@@ -42,7 +42,7 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.figures import fmt_load, git_state, loadavg, utc_stamp, write_json
+from bench.figures import envelope, fmt_load, loadavg, utc_stamp, write_json
 from cityflux.analytics.engine import AnalyticsEngine
 from cityflux.config import Config
 from cityflux.ingest.decode import BatchDecoder
@@ -235,7 +235,8 @@ def main() -> None:
     parser.add_argument("--skip-in-process", action="store_true")
     args = parser.parse_args()
     rates = args.rate or [5_000.0]
-    figures: dict[str, Any] = {"git": git_state(), "cpus": os.cpu_count(), "devices": args.devices,
+    stamp = utc_stamp()
+    figures: dict[str, Any] = {**envelope("analytics", stamp), "devices": args.devices,
                                "end_to_end": []}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="cityflux-bench-") as name:
         tmp = Path(name)
@@ -263,7 +264,7 @@ def main() -> None:
                     f"{fmt_load(result['loadavg'])}",
                     flush=True,
                 )
-    print(f"JSON: {write_json('analytics', utc_stamp(), figures)}")
+    print(f"JSON: {write_json('analytics', stamp, figures)}")
     os.sync()
 
 

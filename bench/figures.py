@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,17 @@ def git_state() -> dict[str, Any]:
 
 def utc_stamp() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def envelope(bench: str, stamp: str) -> dict[str, Any]:
+    """What every bench's JSON starts with: which bench, when, how it was run, on what."""
+    return {
+        "bench": bench,
+        "utc": stamp,
+        "command": " ".join([f"python -m bench.{bench}", *sys.argv[1:]]),
+        "git": git_state(),
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def write_json(bench: str, stamp: str, data: dict[str, Any]) -> Path:

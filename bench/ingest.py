@@ -48,8 +48,8 @@ import msgspec
 
 from bench.figures import (
     BenchError,
+    envelope,
     fmt_load,
-    git_state,
     loadavg,
     per_100k,
     run_child,
@@ -392,12 +392,8 @@ def report(bench: Bench, header: str, stamp: str) -> Path:
         "ingest",
         stamp,
         {
-            "bench": "ingest",
-            "utc": stamp,
-            "command": " ".join(["python -m bench.ingest", *sys.argv[1:]]),
+            **envelope("ingest", stamp),
             "header": header,
-            "git": git_state(),
-            "cpu_count": os.cpu_count(),
             "messages": bench.n,
             "points": bench.points,
             "settings": {

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from bench.figures import fmt_load, git_state, write_json
+from bench.figures import envelope, fmt_load, write_json
 from cityflux.config import Config
 
 if TYPE_CHECKING:
@@ -85,11 +83,7 @@ def report(scale: Scale, stamp: str) -> Path:
         "scale",
         stamp,
         {
-            "bench": "scale",
-            "utc": stamp,
-            "command": " ".join(["python -m bench.scale", *sys.argv[1:]]),
-            "git": git_state(),
-            "cpu_count": os.cpu_count(),
+            **envelope("scale", stamp),
             "messages": scale.n,
             "points": scale.points,
             "target": scale.args.target,

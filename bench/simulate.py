@@ -43,8 +43,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.figures import (
     BenchError,
+    envelope,
     fmt_load,
-    git_state,
     loadavg,
     per_100k,
     server_cpu,
@@ -357,11 +357,7 @@ def report(
         "simulate",
         stamp,
         {
-            "bench": "simulate",
-            "utc": stamp,
-            "command": " ".join(["python -m bench.simulate", *sys.argv[1:]]),
-            "git": git_state(),
-            "cpu_count": os.cpu_count(),
+            **envelope("simulate", stamp),
             "devices": devices,
             "sim_seconds": args.sim_seconds,
             "setup_s": round(setup_s, 2),

@@ -8,7 +8,6 @@ here, with the store's encoder (its series prefixes cached for the life of the l
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
@@ -58,7 +57,7 @@ class AnalyticsLink:
         config: Config,
         publisher: Publisher,
         write: Callable[[list[str]], object],
-        spawn: Spawn | None = None,
+        spawn: Spawn,
     ) -> None:
         self.publisher = publisher
         root = config.mqtt.topic_root
@@ -72,11 +71,7 @@ class AnalyticsLink:
         # the window results are written from the worker, so their volume never holds up
         # ingest; spawn starts it under the pipeline's supervisor (restarted and counted)
         self.engine.windows_in_background(self._deliver)
-        if spawn is not None:
-            self.worker = spawn("analytics", lambda component: self.engine.work(component.beat))
-        else:
-            self.worker = threading.Thread(target=self.engine.work, name="analytics", daemon=True)
-            self.worker.start()
+        self.worker = spawn("analytics", lambda component: self.engine.work(component.beat))
 
     def encode(self, results: Sequence[Result]) -> list[str]:
         """The engine's results as lines. One that cannot be encoded (a tag the line protocol

@@ -400,13 +400,14 @@ class Pipeline:
             problems["store"] = self.committer.store_problem
         if self.starting is not None:
             problems["starting"] = self.starting
+        spool_records, spool_bytes = self.sink.backlog()
         return {
             "healthy": not problems,
             "problems": problems,
             "mqtt_connected": connected,
             "database_up": self.sink.database_up,
-            "spool_records": self.sink.backlog()[0],
-            "spool_bytes": self.sink.backlog()[1],
+            "spool_records": spool_records,
+            "spool_bytes": spool_bytes,
             "spool_full": spool_full,
             **(self.broker_stats.health() if self.broker_stats is not None else {}),
         }
