@@ -6,15 +6,23 @@ per-message cost on the hot path is one dict lookup.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from cityflux.model.contract import ID_PATTERN, KINDS, Reason
+import numpy as np
+import numpy.typing as npt
+
+from cityflux.model.contract import ID_PATTERN, KINDS, READING_TYPES, Reason
 
 # Levels under the root that cityflux itself publishes to: seen (we subscribe to root/#), counted
 # as ignored, never dead-lettered (that would loop).
 RESERVED_LEVELS: Final = frozenset({"deadletter", "alerts", "health"})
 _CACHE_LIMIT: Final = 500_000
+# a small number per reading kind, for grouping a batch by kind with numpy; -1: anything else
+# (a status topic, a rejected or reserved one)
+KIND_CODES: Final = {kind: code for code, kind in enumerate(READING_TYPES)}
+OTHER_CODE: Final = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +46,7 @@ class TopicParser:
         self.root = root.rstrip("/")
         self._prefix = self.root + "/"
         self._cache: dict[str, DeviceTopic | TopicRejection | None] = {}
+        self._codes: dict[str, int] = {}  # topic -> KIND_CODES value or OTHER_CODE
 
     def parse(self, topic: str) -> DeviceTopic | TopicRejection | None:
         """The device topic, a rejection, or None for cityflux's own (reserved) topics."""
@@ -47,9 +56,38 @@ class TopicParser:
             pass
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()  # bounded memory against topic floods
+            self._codes.clear()
         result = self._parse(topic)
         self._cache[topic] = result
         return result
+
+    def kind_codes(self, topics: Sequence[str]) -> npt.NDArray[np.int8]:
+        """Per topic, the code of its reading kind (``KIND_CODES``), or ``OTHER_CODE``.
+
+        A C-level ``map`` of a dict lookup when every topic was seen before (the usual batch);
+        the ones not seen are parsed."""
+        codes = list(map(self._codes.get, topics))
+        if None in codes:
+            for index, code in enumerate(codes):
+                if code is None:
+                    codes[index] = self._code(topics[index])
+        return np.array(codes, dtype=np.int8)
+
+    def _code(self, topic: str) -> int:
+        parsed = self.parse(topic)
+        if type(parsed) is DeviceTopic and not parsed.is_status:
+            code = KIND_CODES[parsed.kind]
+        else:
+            code = OTHER_CODE
+        self._codes[topic] = code
+        return code
+
+    def parse_all(self, topics: Sequence[str]) -> list[DeviceTopic | TopicRejection | None]:
+        """:meth:`parse` of each topic: a C-level ``map`` when all are cached."""
+        try:
+            return list(map(self._cache.__getitem__, topics))
+        except KeyError:  # the cache was cleared on the way
+            return list(map(self.parse, topics))
 
     def _parse(self, topic: str) -> DeviceTopic | TopicRejection | None:
         if not topic.startswith(self._prefix):

@@ -316,7 +316,7 @@ class MqttConsumer:
 
     def ack(self, batch: MessageBatch) -> bool:
         """Acknowledge a durable batch; False if the connection it came on is gone."""
-        acks = puback_packets([mid for mid in batch.receipts if mid])
+        acks = puback_packets(batch.receipts)
         with self._send_lock:  # no reconnect can slip between the check and the send
             with self._cond:
                 if batch.generation != self._generation:

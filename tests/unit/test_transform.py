@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from cityflux.config import Config
 from cityflux.ingest.deadletter import DeadLetterFactory
+from cityflux.ingest.tabulate import KindRows
 from cityflux.model.contract import KIND_FIELDS, KINDS, Reason
 from cityflux.model.messages import MessageBatch
 from cityflux.observability import Metrics
@@ -233,3 +234,51 @@ def test_every_message_is_accepted_or_dead_lettered_exactly_once(
             assert (len(whole), lines, readings) == (1, [], []), i
         if shape == "object":  # one reading: exactly one of stored or lettered
             assert bool(lines) != bool(mine) and len(mine) <= 1, i
+
+
+# -- the by-kind fast path is the per-message loop, faster -----------------------------------
+_GOOD = [
+    (POLE, POLE_FULL),
+    (POLE, POLE_RFC3339),
+    (MANHOLE, MANHOLE_FULL),
+    (TRAFFIC, TRAFFIC_3_LANES),
+    (f"{ROOT}/riverside/pole/pole-0107", POLE_GATEWAY),
+    (f"{POLE}/status", b'{"state": "online", "ts": 1795570800000}'),
+    (f"{ROOT}/deadletter/schema", b'{"reason": "schema"}'),
+]
+_POOL = _GOOD + [(topic, payload) for topic, payload, reason, _ in MIXED if reason is not None]
+# mostly good messages, so that whole kinds take the fast path; sometimes one that is not
+_BATCHES = st.lists(
+    st.one_of(st.sampled_from(_GOOD[:4]), st.sampled_from(_POOL)), min_size=1, max_size=40
+)
+
+
+def _one_at_a_time(t: Transform) -> Transform:
+    """The reference: every message through the per-message loop (the fast path switched off)."""
+    t.decoder._decode_by_kind = lambda topics, *_: list(range(len(topics)))  # type: ignore[method-assign]
+    return t
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(_BATCHES)
+def test_the_by_kind_path_gives_what_the_per_message_loop_gives(
+    messages: list[tuple[str, bytes]],
+) -> None:
+    fast = transform(Metrics())(batch_of(messages), NOW_NS)
+    loop = _one_at_a_time(transform(Metrics()))(batch_of(messages), NOW_NS)
+    assert (fast.lines, fast.letters, fast.accepted) == (loop.lines, loop.letters, loop.accepted)
+
+
+def test_a_clean_batch_takes_the_by_kind_path_whole() -> None:
+    t = transform(Metrics())
+    messages = [_GOOD[0], _GOOD[2], _GOOD[3], _GOOD[1]] * 5
+    left = t.decoder._decode_by_kind(
+        [m[0] for m in messages], [m[1] for m in messages], {k: KindRows() for k in KINDS}, []
+    )
+    assert left == []
+    # one bad pole payload sends the poles, and only them, to the per-message loop
+    messages[4] = (POLE, b'{"ts": 1795570800000, "pm25_ugm3": 1')
+    left = t.decoder._decode_by_kind(
+        [m[0] for m in messages], [m[1] for m in messages], {k: KindRows() for k in KINDS}, []
+    )
+    assert left == [i for i, (topic, _) in enumerate(messages) if topic == POLE]
