@@ -50,6 +50,7 @@ from cityflux.mqtt.codec import (
     subscribe_packet,
 )
 from cityflux.mqtt.control import Connack, accepted_connack, disconnect_reason, suback_codes
+from cityflux.mqtt.inbox import Inbox
 from cityflux.mqtt.oversize import OversizedPayload
 from cityflux.observability import Metrics
 from cityflux.supervisor import Component, Supervisor, backoff
@@ -83,7 +84,8 @@ class MqttConsumer:
         self.version = V5 if config.protocol == "5" else V311
         self.connected = threading.Event()
         self._cond = threading.Condition()
-        self._batch = MessageBatch()
+        self._inbox = Inbox()
+        self._wanted = 1  # messages the waiting take() needs before it is worth waking
         self._generation = 0
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
@@ -233,13 +235,9 @@ class MqttConsumer:
         if not topics:
             return
         with self._cond:
-            batch = self._batch
-            if not batch.receipts:
-                batch.first_received = time.monotonic()
-            batch.topics += topics
-            batch.payloads += payloads
-            batch.receipts += ids
-            self._cond.notify()
+            self._inbox.append(topics, payloads, ids)
+            if len(self._inbox) >= self._wanted:  # else take() would only wait again
+                self._cond.notify()
 
     def _on_disconnect(self) -> None:
         was_connected = self.connected.is_set()
@@ -248,7 +246,7 @@ class MqttConsumer:
         self._close_socket()
         with self._cond:
             self._generation += 1
-            self._batch = MessageBatch(generation=self._generation)
+            self._inbox = Inbox(self._generation)
         if was_connected and not self._stopping.is_set():
             log.warning(
                 "disconnected from %s; unacknowledged messages will be redelivered", self.config.url
@@ -299,18 +297,20 @@ class MqttConsumer:
     def has_pending(self) -> bool:
         """Messages received and not yet taken: work waiting for the pipeline."""
         with self._cond:
-            return len(self._batch) > 0
+            return len(self._inbox) > 0
 
     def take(self, max_messages: int, wait_s: float) -> MessageBatch:
         """Up to ``max_messages`` messages, after at most ``wait_s`` seconds of waiting."""
         deadline = time.monotonic() + wait_s
         with self._cond:
-            while len(self._batch) < max_messages:
+            self._wanted = max_messages
+            while len(self._inbox) < max_messages:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            batch, self._batch = _split(self._batch, max_messages)
+            self._wanted = 1
+            batch = self._inbox.take(max_messages)
         self.metrics.received.inc(len(batch))
         return batch
 
@@ -419,27 +419,6 @@ def _log_oversized(parsed: Parsed, limit: int) -> None:
                 len(payload),
                 limit,
             )
-
-
-def _split(batch: MessageBatch, size: int) -> tuple[MessageBatch, MessageBatch]:
-    """The first ``size`` messages, and the rest as the new buffer."""
-    if len(batch) <= size:
-        return batch, MessageBatch(generation=batch.generation)
-    head = MessageBatch(
-        batch.topics[:size],
-        batch.payloads[:size],
-        batch.receipts[:size],
-        batch.generation,
-        batch.first_received,
-    )
-    tail = MessageBatch(
-        batch.topics[size:],
-        batch.payloads[size:],
-        batch.receipts[size:],
-        batch.generation,
-        time.monotonic(),
-    )
-    return head, tail
 
 
 def _confirmed(info: paho.MQTTMessageInfo) -> bool:
