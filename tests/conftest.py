@@ -1,8 +1,9 @@
-"""Fixtures: real mosquitto, InfluxDB 1.x and VictoriaMetrics, started as child processes.
+"""Fixtures: real mosquitto, InfluxDB 1.x, VictoriaMetrics and NATS, started as child processes.
 
 A missing server binary fails the test loudly with the install command (ServerError), never a
 skip. InfluxDB and VictoriaMetrics run once per session (each test gets its own database);
-mosquitto runs per test, because tests restart and kill it.
+mosquitto runs per test, because tests restart and kill it; so do NATS and the 3-node NATS
+cluster (tests create streams and kill nodes).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 from cityflux.config import Config
 from cityflux.servers import LocalInfluxDB, LocalMosquitto, LocalVictoriaMetrics
+from cityflux.servers_nats import LocalNats, LocalNatsCluster
 from cityflux.store.influx import InfluxWriter
 
 TEN_YEARS_S = 10 * 365 * 24 * 3600
@@ -36,6 +38,21 @@ def victoria() -> Iterator[LocalVictoriaMetrics]:
 def broker(tmp_path: Path) -> Iterator[LocalMosquitto]:
     with LocalMosquitto(tmp_path / "mosquitto") as server:
         yield server
+
+
+@pytest.fixture
+def nats_node(tmp_path: Path) -> Iterator[LocalNats]:
+    """One nats-server with JetStream and an MQTT listener, per test (tests create streams)."""
+    with LocalNats(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[LocalNatsCluster]:
+    """Three routed nats-servers (JetStream, MQTT), per test: tests kill -9 and restart nodes,
+    and a cluster is ready in about half a second, so no test inherits another's damage."""
+    with LocalNatsCluster(tmp_path / "nats-cluster") as cluster:
+        yield cluster
 
 
 @pytest.fixture
