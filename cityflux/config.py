@@ -81,6 +81,41 @@ class MqttConfig(Base, frozen=True):
         return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
 
 
+class SourceConfig(Base, frozen=True):
+    # where readings come from: "mqtt" (one broker, mqtt.*) or "nats" (JetStream, partitioned
+    # by district, nats.*; docs/scale.md). The MQTT settings still name the topic root.
+    kind: Literal["mqtt", "nats"] = "mqtt"
+
+
+class NatsConfig(Base, frozen=True):
+    """The JetStream source (docs/scale.md): devices publish MQTT to nats-server; the server
+    files each reading under a partition of its district; each worker owns some partitions."""
+
+    urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    user: str | None = None
+    password: str | None = None
+    creds_file: str | None = None  # a NATS credentials file (JWT + nkey), instead of a password
+    tls: TlsConfig = TlsConfig()
+    stream: str = "CITYFLUX"  # the readings, partitioned
+    subject_root: str = "cityflux.p"  # {root}.{partition}.{district}.{kind}.{device}[.status]
+    partitions: int = 16  # fixed once the stream exists: districts are hashed into them
+    replicas: int = 1  # 3 on a three-node cluster
+    max_age_s: float = 7 * 24 * 3600.0  # how far back `replay --from-stream` reaches
+    max_bytes: int = -1  # -1: bounded by age only (a size limit would drop unread readings)
+    max_msg_size: int = 1_048_576
+    duplicate_window_s: float = 120.0
+    group: str = "cityflux"  # consumer names {group}-p{n} and their priority group
+    pin_timeout_s: float = 10.0  # a silent owner loses its partitions after this long
+    fetch_expires_s: float = 1.0  # one pull request's life (well below pin_timeout_s)
+    ack_wait_s: float = 60.0  # unacknowledged this long: redelivered
+    max_deliver: int = 5  # delivered this often without an ack: dead-lettered (poison)
+    max_ack_pending: int = 50_000  # per partition
+    heartbeat_s: float = 2.0  # workers' membership heartbeat; gone after 3 missed
+    members_bucket: str = "cityflux_workers"
+    alerts_bucket: str = "cityflux_alerts"
+    checkpoints_bucket: str = "cityflux_checkpoints"
+
+
 class InfluxConfig(Base, frozen=True):
     url: str = "http://127.0.0.1:8086"
     api: Literal["v1", "v2"] = "v1"
@@ -178,7 +213,9 @@ class SupervisionConfig(Base, frozen=True):
 
 
 class Config(Base, frozen=True):
+    source: SourceConfig = SourceConfig()
     mqtt: MqttConfig = MqttConfig()
+    nats: NatsConfig = NatsConfig()
     influx: InfluxConfig = InfluxConfig()
     ingest: IngestConfig = IngestConfig()
     spool: SpoolConfig = SpoolConfig()
@@ -272,5 +309,20 @@ def _check(config: Config) -> None:
         )
     if config.mqtt.max_packet_size > 268_435_460:  # 4-byte remaining length + fixed header
         raise ConfigError("mqtt.max_packet_size must not exceed 268,435,460 (MQTT's own limit)")
+    _check_nats(config.nats)
     if config.spool.segment_bytes is not None:
         log.warning("spool.segment_bytes is ignored since the spool is one SQLite file: remove it")
+
+
+def _check_nats(nats: NatsConfig) -> None:
+    if not nats.urls or any(urlsplit(u).scheme not in {"nats", "tls"} for u in nats.urls):
+        raise ConfigError(f"nats.urls must be nats:// or tls:// URLs, got {nats.urls!r}")
+    if not 1 <= nats.partitions <= 1024:
+        raise ConfigError("nats.partitions must be 1..1024")
+    if nats.fetch_expires_s * 2 >= nats.pin_timeout_s:
+        raise ConfigError(
+            "nats.pin_timeout_s must exceed twice nats.fetch_expires_s: an owner that is "
+            "waiting on its pull request must not lose its partitions"
+        )
+    if nats.max_deliver < 2:
+        raise ConfigError("nats.max_deliver must be at least 2 (one redelivery)")

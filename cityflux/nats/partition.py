@@ -1,0 +1,49 @@
+"""Which partition a district's readings go to: the same hash nats-server applies.
+
+The stream's subject transform ``{{partition(P,1)}}`` files a reading under FNV-1a (32 bit) of
+its district token modulo P (nats-server ``subject_transform.go``, ``getHashPartition``).
+cityflux computes the same number to know which districts a partition holds (its analytics
+state, its checkpoint); a test checks it against the server.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+_FNV_OFFSET: Final = 0x811C9DC5
+_FNV_PRIME: Final = 0x01000193
+
+
+def fnv1a_32(data: bytes) -> int:
+    value = _FNV_OFFSET
+    for byte in data:
+        value = ((value ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
+    return value
+
+
+def partition_of(district: str, partitions: int) -> int:
+    return fnv1a_32(district.encode()) % partitions
+
+
+def partition_transform(topic_root: str, subject_root: str, partitions: int) -> tuple[str, str]:
+    """(source, destination) of the subject transform for the readings: MQTT topic
+    ``cityflux/v1/{district}/{kind}/{device}`` is NATS subject ``cityflux.v1.{district}...``,
+    filed as ``{subject_root}.{partition}.{district}.{kind}.{device}``."""
+    root = topic_root.strip("/").replace("/", ".")
+    return (
+        f"{root}.*.>",
+        f"{subject_root}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}.>",
+    )
+
+
+def partition_subject(subject_root: str, partition: int) -> str:
+    """What the consumer of one partition filters on."""
+    return f"{subject_root}.{partition}.>"
+
+
+def topic_of(subject: str, subject_root: str, topic_root: str) -> str:
+    """The MQTT topic a stored subject came from (the pipeline speaks topics):
+    ``cityflux.p.7.d1.pole.p-1`` -> ``cityflux/v1/d1/pole/p-1``."""
+    rest = subject[len(subject_root) + 1 :]
+    _, _, tail = rest.partition(".")
+    return f"{topic_root.rstrip('/')}/{tail.replace('.', '/')}"
