@@ -12,7 +12,7 @@ bad_timestamp, and duplicate keys are found by counting (:mod:`cityflux.ingest.k
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -93,7 +93,7 @@ class BatchDecoder:
             chosen = np.flatnonzero(codes == code).tolist()
             if not chosen:
                 continue
-            pick = itemgetter(*chosen) if len(chosen) > 1 else _pick_one(chosen[0])
+            pick = _picker(chosen)
             kind_payloads: tuple[bytes, ...] = pick(payloads)
             if max(map(len, kind_payloads)) > self.config.max_payload_bytes:
                 continue
@@ -294,9 +294,15 @@ class BatchDecoder:
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
 
 
-def _pick_one(index: int) -> Any:
-    """``itemgetter`` of one index returns the item, not a 1-tuple: this one does."""
-    return lambda sequence: (sequence[index],)
+def _picker(indices: list[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """The items at ``indices``, picked in C (``itemgetter``), always as a tuple (itemgetter of
+    one index returns the bare item)."""
+    if len(indices) == 1:
+        index = indices[0]
+        return lambda sequence: (sequence[index],)
+    getter: Any = itemgetter  # mypy 2.4 crashes inferring itemgetter(*list[int])
+    picker: Callable[[Sequence[Any]], tuple[Any, ...]] = getter(*indices)
+    return picker
 
 
 def _generic_json(payload: bytes) -> Any:
