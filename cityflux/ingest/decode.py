@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import numpy as np
@@ -101,9 +101,9 @@ class BatchDecoder:
                 readings = list(map(self._one[kind].decode, kind_payloads))
             except _DECODE_ERRORS:
                 continue  # the per-message loop finds which and why
-            rows[kind] = KindRows(
-                readings, chosen, [0] * len(chosen), self.topics.parse_all(pick(topics))
-            )
+            # a kind code says each of these topics is a DeviceTopic of this kind
+            device_topics = cast(list[DeviceTopic], self.topics.parse_all(pick(topics)))
+            rows[kind] = KindRows(readings, chosen, [0] * len(chosen), device_topics)
             fast.extend(kind_payloads)
             left[chosen] = False
         return np.flatnonzero(left).tolist()
