@@ -31,6 +31,7 @@ class Reason(StrEnum):
     WRITE_REJECTED = "write_rejected"
     TOO_LATE = "too_late"  # stored, but after its analytics window closed (docs/analytics.md)
     INTERNAL_ERROR = "internal_error"  # decoding or validating this payload raised: our bug
+    REDELIVERED = "redelivered"  # JetStream: delivered nats.max_deliver times, never settled
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from cityflux.config import MqttConfig
 from cityflux.errors import MqttError, MqttProtocolError
 from cityflux.model.contract import OFFLINE, ONLINE
+from cityflux.model.inbox import Inbox
 from cityflux.model.messages import MessageBatch
 from cityflux.mqtt.codec import (
     AUTH,
@@ -50,7 +51,6 @@ from cityflux.mqtt.codec import (
     subscribe_packet,
 )
 from cityflux.mqtt.control import Connack, accepted_connack, disconnect_reason, suback_codes
-from cityflux.mqtt.inbox import Inbox
 from cityflux.mqtt.oversize import OversizedPayload
 from cityflux.observability import Metrics
 from cityflux.supervisor import Component, Supervisor, backoff

@@ -20,6 +20,7 @@ from cityflux.analytics.environment import POLE_INPUTS
 from cityflux.analytics.traffic import TrafficView
 from cityflux.config import Config
 from cityflux.errors import StoreError
+from cityflux.model.citymap import CityMap
 from cityflux.model.columns import Columns, Rejection
 from cityflux.model.contract import Reason
 from cityflux.model.points import Result
@@ -58,7 +59,9 @@ class AnalyticsLink:
         publisher: Publisher,
         write: Callable[[list[str]], object],
         spawn: Spawn,
+        city: CityMap | None = None,
     ) -> None:
+        """``city``: the map (or part of it) the engine computes (default: the configured)."""
         self.publisher = publisher
         root = config.mqtt.topic_root
         self.alert_root = f"{root}/alerts"
@@ -67,7 +70,9 @@ class AnalyticsLink:
         self._encoder = msgspec.json.Encoder()
         self._write = write
         self.tables = TableEncoder()
-        self.engine = AnalyticsEngine(config.analytics, notify=self._publish_one)
+        self.engine = AnalyticsEngine(config.analytics, city, notify=self._publish_one)
+        # results pass this before encoding (a partition's engine drops its city row)
+        self.result_filter: Callable[[list[Result]], list[Result]] = lambda results: results
         # the window results are written from the worker, so their volume never holds up
         # ingest; spawn starts it under the pipeline's supervisor (restarted and counted)
         self.engine.windows_in_background(self._deliver)
@@ -77,6 +82,7 @@ class AnalyticsLink:
         """The engine's results as lines. One that cannot be encoded (a tag the line protocol
         cannot express) is logged, counted as a worker error and dropped: retried, it would
         hold up every later result."""
+        results = self.result_filter(list(results))
         try:
             return self.tables.encode(results)
         except ValueError:
@@ -162,8 +168,9 @@ class AnalyticsLink:
     def _publish_one(self, alert: Alert) -> None:
         self.publisher.publish(self.topic(alert), self._encoder.encode(alert), retain=True)
 
-    def recover(self, writer: InfluxWriter) -> int:
-        """Re-read raw readings of still-open windows from InfluxDB after a restart.
+    def recover(self, writer: InfluxWriter, districts: Sequence[str] = ()) -> int:
+        """Re-read raw readings of still-open windows from InfluxDB after a restart (of
+        ``districts`` only, if given: a partition taken over from another worker).
 
         Messages acknowledged after the last checkpoint are durable in InfluxDB but not in the
         checkpoint; the panes de-duplicate, so re-reading what the checkpoint has is harmless.
@@ -175,10 +182,14 @@ class AnalyticsLink:
             )
             return 0
         since = self.engine.recovery_since_ns()
+        where = f"time >= {since}"
+        if districts:  # ids are [A-Za-z0-9_.-] (the contract): only the dot needs escaping
+            names_re = "|".join(d.replace(".", "\\.") for d in districts)
+            where += f" AND district =~ /^({names_re})$/"
         recovered: dict[str, Columns] = {}
         for kind, (field_tag, names) in RECOVER_MEASUREMENTS.items():
             try:
-                result = writer.query(f'SELECT * FROM "{kind}" WHERE time >= {since}')
+                result = writer.query(f'SELECT * FROM "{kind}" WHERE {where}')
             except StoreError as exc:
                 log.warning("analytics recovery: %s", exc)
                 return 0

@@ -105,6 +105,17 @@ class Committer:
                 len(letters) - confirmed,
             )
 
+    def dead_letter_now(self, reason: Reason, message: str, topic: str, payload: bytes) -> bool:
+        """One message rejected outside a batch (the JetStream source's poison message):
+        its dead letter stored durably and published; True once it is durable."""
+        now = time.time_ns()
+        letter = self.letters.letter(Rejection(reason, message, 0), topic, payload, now)
+        if self.write_durably([self.letters.line(letter, now)]) is None:
+            return False
+        self.metrics.rejected.labels(reason.value).inc()
+        self._publish_letters([(self.letters.topic(reason), self.letters.encode(letter))])
+        return True
+
     def dead_letter_lines(self, rejected: RejectedLines) -> None:
         """Lines the database refused (e.g. a field type conflict): dead-letter, never retry."""
         for line, error in rejected:

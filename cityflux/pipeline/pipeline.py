@@ -27,12 +27,15 @@ from cityflux.analytics.traffic import TrafficView
 from cityflux.config import Config
 from cityflux.errors import StoreError
 from cityflux.ingest.deadletter import DeadLetterFactory
+from cityflux.model.contract import Reason
 from cityflux.model.messages import MessageBatch
 from cityflux.mqtt.consumer import MqttConsumer
+from cityflux.nats.source import JetStreamSource
 from cityflux.observability import Metrics, MetricsServer
 from cityflux.pipeline.analytics_link import AnalyticsLink, alert_line
 from cityflux.pipeline.broker_stats import BrokerWatcher
 from cityflux.pipeline.commit import Committer
+from cityflux.pipeline.partitioned import PartitionedAnalytics
 from cityflux.pipeline.seams import Source
 from cityflux.pipeline.transform import BatchOutcome, Transform
 from cityflux.store.influx import InfluxWriter
@@ -77,9 +80,7 @@ class Pipeline:
             on_restart=lambda name: self.metrics.component_restarts.labels(name).inc(),
             on_fatal=self._give_up,
         )
-        self.source: Source = source or MqttConsumer(
-            config.mqtt, self.metrics, worker, workers, self.supervisor
-        )
+        self.source: Source = source or self._source(config, worker, workers)
         letters = DeadLetterFactory(config.mqtt.topic_root, config.ingest.deadletter_prefix_bytes)
         spool_dir = Path(config.spool.dir) / (f"worker-{worker}" if workers > 1 else "")
         self.spool = Spool(spool_dir, config.spool.max_bytes)
@@ -90,24 +91,7 @@ class Pipeline:
         self.sink.on_rejected = self.committer.dead_letter_lines
         self.metrics_port = config.metrics.port + worker if config.metrics.port else 0
         self.server: MetricsServer | None = None
-        # A shared subscription deals messages round-robin, so with several workers no process
-        # sees all readings of a road: windows would be wrong. Until workers are partitioned by
-        # district, analytics run only with one worker (docs/analytics.md).
-        analytics = config.analytics.enabled and workers == 1
-        if config.analytics.enabled and workers > 1 and worker == 0:
-            log.warning(
-                "analytics are off with --workers %d: run them in a single-worker cityflux", workers
-            )
-        self.analytics = (
-            AnalyticsLink(
-                config, self.source, self.committer.write_derived, self.supervisor.start_thread
-            )
-            if analytics
-            else None
-        )
-        if self.analytics is not None:
-            self.metrics.checkpoint_corrupt.inc(self.analytics.engine.counts["checkpoint_corrupt"])
-            self.analytics.engine.on_worker_error = self.metrics.analytics_errors.inc
+        self.analytics = self._analytics(config, worker, workers)
         # the broker's own drop counters ($SYS): one watcher per host is enough
         self.broker_stats = (
             BrokerWatcher(
@@ -116,7 +100,7 @@ class Pipeline:
                 config.analytics.alerts_db,
                 on_alert=self._write_alert,
             )
-            if config.mqtt.broker_stats and worker == 0
+            if config.mqtt.broker_stats and worker == 0 and config.source.kind == "mqtt"
             else None
         )
         self.transform = Transform(config, self.metrics, letters, self.analytics)
@@ -136,6 +120,52 @@ class Pipeline:
         self._committing: set[str] = set()  # commit threads in the middle of a commit
         self.starting: str | None = "not started"  # what start() is waiting for
         self._ingest = self.supervisor.watch("ingest", self.source.has_pending)
+
+    def _source(self, config: Config, worker: int, workers: int) -> Source:
+        if config.source.kind == "nats":
+            client_id = (
+                config.mqtt.client_id if workers == 1 else f"{config.mqtt.client_id}-{worker}"
+            )
+            nats = JetStreamSource(config, self.metrics, self.supervisor, client_id)
+            nats.on_poison = self._dead_letter_poison
+            return nats
+        return MqttConsumer(config.mqtt, self.metrics, worker, workers, self.supervisor)
+
+    def _analytics(
+        self, config: Config, worker: int, workers: int
+    ) -> AnalyticsLink | PartitionedAnalytics | None:
+        if not config.analytics.enabled:
+            return None
+        if isinstance(self.source, JetStreamSource):
+            # whole districts per worker (partitions): the analytics run in every worker
+            partitioned = PartitionedAnalytics(
+                config, self.source, self.committer.write_derived,
+                self.supervisor.start_thread, self.writer,
+            )  # fmt: skip
+            partitioned.on_worker_error = self.metrics.analytics_errors.inc
+            self.source.on_partitions = partitioned.on_partitions
+            return partitioned
+        # A shared subscription deals messages round-robin, so with several workers no process
+        # sees all readings of a road: windows would be wrong. With MQTT, analytics run only
+        # with one worker (docs/analytics.md); the JetStream source partitions by district.
+        if workers > 1:
+            if worker == 0:
+                log.warning(
+                    "analytics are off with --workers %d on MQTT: run them in a single-worker "
+                    "cityflux, or on the JetStream source (docs/scale.md)", workers,
+                )  # fmt: skip
+            return None
+        link = AnalyticsLink(
+            config, self.source, self.committer.write_derived, self.supervisor.start_thread
+        )
+        self.metrics.checkpoint_corrupt.inc(link.engine.counts["checkpoint_corrupt"])
+        link.engine.on_worker_error = self.metrics.analytics_errors.inc
+        return link
+
+    def _dead_letter_poison(self, topic: str, payload: bytes, deliveries: int) -> bool:
+        """A message the source delivered nats.max_deliver times without a settlement."""
+        message = f"delivered {deliveries} times without being settled (it may crash workers)"
+        return self.committer.dead_letter_now(Reason.REDELIVERED, message, topic, payload)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, wait_connected_s: float = 0.0) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cityflux.config import Config
 from cityflux.ingest.boundary import stage
@@ -20,10 +21,17 @@ from cityflux.ingest.decode import BatchDecoder
 from cityflux.model.columns import Columns, Rejection
 from cityflux.model.messages import MessageBatch
 from cityflux.observability import Metrics
-from cityflux.pipeline.analytics_link import AnalyticsLink
 from cityflux.store.lineprotocol import BatchEncoder
 
 log = logging.getLogger(__name__)
+
+
+class Analytics(Protocol):
+    """What the transform needs of the analytics (one link, or one per partition)."""
+
+    def process(self, columns: dict[str, Columns]) -> tuple[list[str], list[Rejection]]: ...
+
+    def acknowledgements(self, topics: list[str], payloads: list[bytes]) -> list[str]: ...
 
 
 @dataclass(slots=True)
@@ -39,7 +47,7 @@ class Transform:
         config: Config,
         metrics: Metrics,
         letters: DeadLetterFactory,
-        analytics: AnalyticsLink | None,
+        analytics: Analytics | None,
     ) -> None:
         self.config = config
         self.metrics = metrics

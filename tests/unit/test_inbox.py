@@ -1,4 +1,4 @@
-"""The consumer's inbox (cityflux/mqtt/inbox.py): batches in arrival order across the chunks
+"""The consumer's inbox (cityflux/model/inbox.py): batches in arrival order across the chunks
 the reader appended, none lost or repeated, whatever the sizes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cityflux.mqtt.inbox import Inbox
+from cityflux.model.inbox import Inbox
 from tests.support import examples
 
 

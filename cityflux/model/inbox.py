@@ -1,4 +1,4 @@
-"""Messages the reader thread received and the pipeline has not taken yet.
+"""Messages a source received and the pipeline has not taken yet (MQTT, JetStream).
 
 Kept as the chunks the reader appended (one per socket read), so that taking a batch copies that
 batch only; slicing one list off the front of the whole buffer copied everything behind it on

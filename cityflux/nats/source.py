@@ -1,0 +1,376 @@
+"""The JetStream source: readings from the partitioned stream, for the pipeline's threads.
+
+Each worker owns some partitions (:mod:`cityflux.nats.members` decides which, from the live
+workers); for each it pulls from the partition's durable consumer as a member of its priority
+group with the ``pinned_client`` policy, so the server hands a partition's messages to one
+worker at a time, whatever the workers believe about each other (ADR-42). A worker that stops
+asking for ``nats.pin_timeout_s`` loses the pin; the next worker asking gets it.
+
+nats-py is asyncio and the pipeline is threads: the client runs on an event loop in a thread of
+the pipeline's supervisor, and :meth:`take`, :meth:`ack` and the publishes cross over with
+``run_coroutine_threadsafe``. nats-py 2.16 has no priority groups, so pull requests are sent on
+the raw API (``$JS.API.CONSUMER.MSG.NEXT``) with the group and the pin id.
+
+A message is acknowledged only after the pipeline made it durable (as with MQTT); one that was
+delivered ``nats.max_deliver`` times without that (it keeps killing the worker) is handed to
+``on_poison``, which dead-letters it, and is then terminated: counted, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from cityflux.config import Config
+from cityflux.errors import NatsError
+from cityflux.model.inbox import Inbox
+from cityflux.model.messages import MessageBatch
+from cityflux.nats.connect import connect
+from cityflux.nats.members import Members
+from cityflux.nats.partition import topic_of
+from cityflux.observability import Metrics
+from cityflux.supervisor import Component, Supervisor
+
+log = logging.getLogger(__name__)
+
+# statuses that end a pull request (100 is an idle heartbeat)
+_DONE: Final = frozenset({"404", "408", "409"})
+_PIN_LOST: Final = "423"
+Partitions = Callable[[frozenset[int], frozenset[int]], None]  # (gained, lost)
+Poison = Callable[[str, bytes, int], bool]  # (topic, payload, deliveries) -> dead-lettered?
+
+
+@dataclass(slots=True)
+class _Request:
+    """One pull request in flight on a partition's inbox."""
+
+    wanted: int
+    messages: list[Msg] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    status: str = ""
+
+
+class JetStreamSource:
+    """The pipeline's :class:`~cityflux.pipeline.seams.Source` over NATS JetStream."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        supervisor: Supervisor,
+        client_id: str,
+    ) -> None:
+        self.config = config
+        self.nats = config.nats
+        self.metrics = metrics
+        self.supervisor = supervisor
+        self.client_id = client_id
+        self.topic_root = config.mqtt.topic_root.rstrip("/")
+        self.connected = threading.Event()
+        # called on the loop's thread (through to_thread) before a gained partition's first
+        # message is handed over, and after a lost one's last
+        self.on_partitions: Partitions = lambda gained, lost: None
+        self.on_poison: Poison = lambda topic, payload, deliveries: False
+        self._cond = threading.Condition()
+        self._inbox = Inbox()
+        self._wanted = 1
+        self._replies: dict[int, str] = {}  # receipt -> the message's ack subject
+        self._receipt = 0
+        # messages in hand (received, not acknowledged) above which the pullers pause
+        self._limit = config.ingest.batch_size * (config.ingest.write_concurrency + 2)
+        self._fetch = min(config.ingest.batch_size, 1_000)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._nc: Client | None = None
+        self._stopping = threading.Event()
+        self._owned: frozenset[int] = frozenset()
+        self._pullers: dict[int, asyncio.Task[None]] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, wait_s: float = 0.0) -> None:
+        self.supervisor.spawn("nats-source", self._run)
+        if wait_s and not self.connected.wait(wait_s):
+            raise NatsError(f"no connection to {', '.join(self.nats.urls)} within {wait_s:.0f}s")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(lambda: None)  # wake it to see the stop
+        component = self.supervisor.components.get("nats-source")
+        if component is not None and component.thread is not None:
+            component.thread.join(timeout=15)
+
+    def is_connected(self) -> bool:
+        return self.connected.is_set()
+
+    def owned(self) -> frozenset[int]:
+        """The partitions this worker pulls from now."""
+        return self._owned
+
+    # -- the pipeline's side ----------------------------------------------------------------
+    def has_pending(self) -> bool:
+        with self._cond:
+            return len(self._inbox) > 0
+
+    def take(self, max_messages: int, wait_s: float) -> MessageBatch:
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            self._wanted = max_messages
+            while len(self._inbox) < max_messages:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self._wanted = 1
+            batch = self._inbox.take(max_messages)
+        self.metrics.received.inc(len(batch))
+        return batch
+
+    def ack(self, batch: MessageBatch) -> bool:
+        """Acknowledge every message of a durable batch (each on its own ack subject)."""
+        with self._cond:
+            replies = [self._replies.pop(r) for r in batch.receipts if r in self._replies]
+        if not replies:
+            return True
+        try:
+            self._call(self._ack(replies), timeout_s=10.0)
+        except (NatsError, FutureTimeout) as exc:
+            log.warning(
+                "acknowledging %d messages failed (%s): they will be redelivered", len(replies), exc
+            )
+            return False
+        self.metrics.acked.inc(len(replies))
+        return True
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> object:
+        """Core NATS publish (alert changes, health): MQTT subscribers of the topic get it.
+        ``retain`` has no NATS equivalent; retained state lives in the KV buckets."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._nc is None:
+            log.warning("not connected to NATS: %s not published", topic)
+            return None
+        return asyncio.run_coroutine_threadsafe(self._nc.publish(_subject(topic), payload), loop)
+
+    def publish_confirmed(self, messages: list[tuple[str, bytes]], timeout_s: float) -> int:
+        """JetStream publishes (dead letters go to a stream, `cityflux nats init`): how many
+        the server stored."""
+        if not messages:
+            return 0
+        try:
+            return int(self._call(self._publish_stored(messages, timeout_s), timeout_s + 1.0))
+        except (NatsError, FutureTimeout) as exc:
+            log.warning("publishing %d messages failed: %s", len(messages), exc)
+            return 0
+
+    # -- crossing into the loop ---------------------------------------------------------------
+    def _call(self, coroutine: Any, timeout_s: float) -> Any:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            coroutine.close()
+            raise NatsError("not connected to NATS")
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        try:
+            return future.result(timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            raise
+
+    async def _ack(self, replies: list[str]) -> None:
+        nc = self._client()
+        for reply in replies:
+            await nc.publish(reply, b"+ACK")
+        await nc.flush(timeout=5)
+
+    async def _publish_stored(self, messages: list[tuple[str, bytes]], timeout_s: float) -> int:
+        js = self._client().jetstream(timeout=timeout_s)
+        stored = 0
+        for topic, payload in messages:
+            try:
+                await js.publish(_subject(topic), payload)
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("JetStream did not store %s: %s", topic, exc)
+                continue
+            stored += 1
+        return stored
+
+    def _client(self) -> Client:
+        if self._nc is None:
+            raise NatsError("not connected to NATS")
+        return self._nc
+
+    # -- the loop thread ------------------------------------------------------------------------
+    def _run(self, component: Component) -> None:
+        if not self._stopping.is_set():
+            asyncio.run(self._main(component))
+
+    async def _main(self, component: Component) -> None:
+        self._loop = asyncio.get_running_loop()
+        nc = await connect(self.nats, self.client_id)
+        self._nc = nc
+        self.connected.set()
+        members = await Members.open(nc, self.nats, self.client_id)
+        try:
+            while not self._stopping.is_set():
+                component.beat()
+                live = await members.heartbeat(self._owned)
+                await self._rebalance(members.assignment(live))
+                await self._sleep(self.nats.heartbeat_s)
+        finally:
+            self.connected.clear()
+            await self._rebalance(frozenset())  # hand every partition back at once
+            with contextlib.suppress(Exception):
+                await members.leave()
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            self._nc = None
+
+    async def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.1, seconds))
+
+    async def _rebalance(self, assigned: frozenset[int]) -> None:
+        gained, lost = assigned - self._owned, self._owned - assigned
+        if not gained and not lost:
+            return
+        for partition in sorted(lost):
+            task = self._pullers.pop(partition)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await self._unpin(partition)
+        self._owned = assigned
+        if gained or lost:
+            log.info(
+                "%s: partitions %s (gained %s, lost %s)",
+                self.client_id, sorted(assigned), sorted(gained), sorted(lost),
+            )  # fmt: skip
+            await asyncio.to_thread(self.on_partitions, gained, lost)
+        for partition in sorted(gained):
+            self._pullers[partition] = asyncio.create_task(self._pull(partition))
+
+    async def _unpin(self, partition: int) -> None:
+        """Release the pin now, so that the new owner need not wait out pin_timeout_s."""
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return
+        subject = f"$JS.API.CONSUMER.UNPIN.{self.nats.stream}.{self._consumer(partition)}"
+        with contextlib.suppress(Exception):
+            await nc.request(subject, json.dumps({"group": self.nats.group}).encode(), timeout=2)
+
+    def _consumer(self, partition: int) -> str:
+        return f"{self.nats.group}-p{partition}"
+
+    # -- one partition ------------------------------------------------------------------------
+    async def _pull(self, partition: int) -> None:
+        """Pull requests on one partition's consumer until cancelled (the partition moved)."""
+        nc = self._client()
+        inbox = nc.new_inbox()
+        request: _Request | None = None
+        pin: str | None = None
+
+        async def on_message(msg: Msg) -> None:
+            nonlocal pin
+            status = msg.headers.get("Status") if msg.headers else None
+            if request is None:
+                return
+            if status is None:
+                new_pin = msg.headers.get("Nats-Pin-Id") if msg.headers else None
+                if new_pin:
+                    pin = new_pin
+                request.messages.append(msg)
+                if len(request.messages) >= request.wanted:
+                    request.done.set()
+            elif status != "100":
+                request.status = status
+                request.done.set()
+
+        subscription = await nc.subscribe(inbox, cb=on_message)
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.nats.stream}.{self._consumer(partition)}"
+        expires = self.nats.fetch_expires_s
+        try:
+            while True:
+                await self._wait_for_room()
+                request = _Request(self._fetch)
+                body: dict[str, Any] = {
+                    "batch": self._fetch,
+                    "expires": int(expires * 1e9),
+                    "group": self.nats.group,
+                }
+                if pin:
+                    body["id"] = pin
+                await nc.publish(subject, json.dumps(body).encode(), reply=inbox)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(request.done.wait(), expires + 1.0)
+                done, request = request, None
+                if done.messages:
+                    await self._hand_over(partition, done.messages)
+                if done.status == _PIN_LOST:
+                    pin = None  # another worker holds it: keep asking, as its standby
+                elif done.status == "409" or (not done.status and not done.messages):
+                    await asyncio.sleep(min(expires, 1.0))  # consumer gone, or no answer
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
+    async def _wait_for_room(self) -> None:
+        """Pause pulling while the pipeline has enough in hand, but ask again well within the
+        pin timeout: a paused owner must not lose its partitions."""
+        deadline = time.monotonic() + self.nats.pin_timeout_s / 3
+        while time.monotonic() < deadline:
+            with self._cond:
+                if len(self._replies) < self._limit:  # received, not yet acknowledged
+                    return
+            await asyncio.sleep(0.02)
+
+    async def _hand_over(self, partition: int, messages: list[Msg]) -> None:
+        topics: list[str] = []
+        payloads: list[bytes] = []
+        replies: list[str] = []
+        for msg in messages:
+            topic = topic_of(msg.subject, self.nats.subject_root, self.topic_root)
+            deliveries = msg.metadata.num_delivered if msg.reply else 1
+            if deliveries >= self.nats.max_deliver:
+                await self._poison(topic, msg, deliveries)
+                continue
+            topics.append(topic)
+            payloads.append(msg.data)
+            replies.append(msg.reply)
+        if not topics:
+            return
+        with self._cond:
+            receipts = list(range(self._receipt + 1, self._receipt + 1 + len(topics)))
+            self._receipt += len(topics)
+            self._replies.update(zip(receipts, replies, strict=True))
+            self._inbox.append(topics, payloads, receipts)
+            if len(self._inbox) >= self._wanted:
+                self._cond.notify()
+
+    async def _poison(self, topic: str, msg: Msg, deliveries: int) -> None:
+        """A message delivered max_deliver times and never settled: dead-letter, terminate."""
+        lettered = await asyncio.to_thread(self.on_poison, topic, msg.data, deliveries)
+        if lettered:
+            await msg.term()
+            log.error(
+                "%s: delivered %d times without being settled: dead-lettered", topic, deliveries
+            )
+        else:  # not durable yet: the server redelivers it after ack_wait
+            log.warning("%s: could not dead-letter the poison message yet", topic)
+
+
+def _subject(topic: str) -> str:
+    return topic.replace("/", ".")

@@ -1,0 +1,193 @@
+"""The analytics of a worker that owns some partitions of the city (the JetStream source).
+
+One :class:`AnalyticsLink` per owned partition, each over the part of the city map its
+districts make up: a partition's state (open windows, device state, its checkpoint) is its own,
+so a worker that takes a partition over starts that partition's engine from the partition's
+checkpoint and re-reads its open windows from InfluxDB, and a worker that hands one over closes
+its engine (a last checkpoint) without touching the others. A district lives in exactly one
+partition (the stream's subject transform hashes the district), so every window sees all the
+readings of its road.
+
+The city-wide rollup row (district "city") is not written in this mode: each engine sees only
+part of the city; the dashboards' city panel weights the district rows (docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from cityflux.analytics.alerts import Alert
+from cityflux.analytics.citymapfile import load_configured_map
+from cityflux.analytics.traffic import TrafficView
+from cityflux.config import Config
+from cityflux.model.citymap import CityMap
+from cityflux.model.columns import Columns, Rejection
+from cityflux.model.points import Result, Table
+from cityflux.nats.partition import partition_of
+from cityflux.pipeline.analytics_link import AnalyticsLink, Publisher
+from cityflux.store.influx import InfluxWriter
+from cityflux.supervisor import Spawn
+
+log = logging.getLogger(__name__)
+CITY_ROW = "city"
+
+
+def city_part(city: CityMap, districts: set[str]) -> CityMap:
+    """The districts given, their segments and the devices on them."""
+    segments = [s for s in city.segments if s.district in districts]
+    on_segments = {s.id for s in segments}
+    return msgspec.structs.replace(
+        city,
+        districts=[d for d in city.districts if d.id in districts],
+        segments=segments,
+        detectors=[d for d in city.detectors if d.segment in on_segments],
+        poles=[p for p in city.poles if p.district in districts],
+        manholes=[m for m in city.manholes if m.district in districts],
+    )
+
+
+def without_city_row(results: list[Result]) -> list[Result]:
+    """Rollup tables without their "city" row (a partition's engine sees part of the city)."""
+    out: list[Result] = []
+    for item in results:
+        if not isinstance(item, Table) or CITY_ROW not in item.tags.get("district", ()):
+            out.append(item)
+            continue
+        names = np.asarray(item.tags["district"], dtype=object)
+        rows = np.arange(len(names)) if item.rows is None else _indices(item.rows)
+        keep = names[rows] != CITY_ROW
+        fields = {name: column[keep] for name, column in item.fields.items()}
+        out.append(Table(item.measurement, item.series, item.tags, fields, item.ts_ns, rows[keep]))
+    return out
+
+
+def _indices(rows: Any) -> Any:
+    rows = np.asarray(rows)
+    return np.flatnonzero(rows) if rows.dtype == np.bool_ else rows
+
+
+class PartitionedAnalytics:
+    """The pipeline's analytics when the source hands out partitions (same calls as
+    :class:`AnalyticsLink`)."""
+
+    def __init__(
+        self,
+        config: Config,
+        publisher: Publisher,
+        write: Callable[[list[str]], object],
+        spawn: Spawn,
+        writer: InfluxWriter,
+    ) -> None:
+        self.config = config
+        self.publisher = publisher
+        self.write = write
+        self.spawn = spawn
+        self.writer = writer
+        self.city = load_configured_map(config.analytics.city_map)
+        partitions = config.nats.partitions
+        self.districts: dict[int, set[str]] = {}
+        for district in self.city.districts:
+            self.districts.setdefault(partition_of(district.id, partitions), set()).add(district.id)
+        self.partition_of = {d: p for p, names in self.districts.items() for d in names}
+        self.links: dict[int, AnalyticsLink] = {}
+        self._lock = threading.Lock()  # links change on the source's thread
+        self._started = 0  # engines started: unique thread names across hand-overs
+        self.on_worker_error: Callable[[], object] = lambda: None
+        self.checkpoint_corrupt = 0
+
+    # -- partitions come and go ---------------------------------------------------------------
+    def on_partitions(self, gained: frozenset[int], lost: frozenset[int]) -> None:
+        for partition in sorted(lost):
+            with self._lock:
+                link = self.links.pop(partition, None)
+            if link is not None:
+                link.close()  # its last checkpoint, for whoever takes it over
+        for partition in sorted(gained):
+            if partition not in self.districts:
+                continue  # no district of the map hashes here
+            link = self._start(partition)
+            recovered = link.recover(self.writer, sorted(self.districts[partition]))
+            log.info("partition %d: analytics started, %d readings re-read", partition, recovered)
+            with self._lock:
+                self.links[partition] = link
+
+    def _start(self, partition: int) -> AnalyticsLink:
+        base = self.config.analytics
+        directory = Path(base.checkpoint_dir) / f"p{partition}"
+        analytics = msgspec.structs.replace(
+            base,
+            checkpoint_dir=str(directory),
+            alerts_db=str(Path(base.alerts_db).with_name(f"alerts-p{partition}.sqlite")),
+        )
+        config = msgspec.structs.replace(self.config, analytics=analytics)
+        self._started += 1
+        number = self._started
+
+        def spawn(name: str, target: Any) -> threading.Thread:
+            return self.spawn(f"{name}-p{partition}-{number}", target)
+
+        part = city_part(self.city, self.districts[partition])
+        link = AnalyticsLink(config, self.publisher, self.write, spawn, city=part)
+        link.result_filter = without_city_row
+        self.checkpoint_corrupt += link.engine.counts["checkpoint_corrupt"]
+        link.engine.on_worker_error = self.on_worker_error
+        return link
+
+    def _links(self) -> list[AnalyticsLink]:
+        with self._lock:
+            return list(self.links.values())
+
+    # -- what the pipeline calls ----------------------------------------------------------------
+    def process(self, columns: dict[str, Columns]) -> tuple[list[str], list[Rejection]]:
+        lines: list[str] = []
+        late: list[Rejection] = []
+        with self._lock:
+            links = dict(self.links)
+        for kind, table in columns.items():
+            parts = self._partitions(table)
+            for partition, link in links.items():
+                mine = parts == partition
+                if mine.any():
+                    more, too_late = link.process({kind: table.select(mine)})
+                    lines += more
+                    late += too_late
+        return lines, late
+
+    def _partitions(self, table: Columns) -> Any:
+        districts = table.tags["district"]
+        names, inverse = np.unique(districts.astype(str), return_inverse=True)
+        lookup = np.array([self.partition_of.get(n, -1) for n in names.tolist()], dtype=np.int64)
+        return lookup[inverse]
+
+    def idle(self) -> list[str]:
+        return [line for link in self._links() for line in link.idle()]
+
+    def flush(self) -> list[str]:
+        return [line for link in self._links() for line in link.flush()]
+
+    def acknowledgements(self, topics: list[str], payloads: list[bytes]) -> list[str]:
+        return [line for link in self._links() for line in link.acknowledgements(topics, payloads)]
+
+    def alert_history(self) -> list[Alert]:
+        alerts = [alert for link in self._links() for alert in link.alert_history()]
+        return sorted(alerts, key=lambda a: (a.started_ns, a.id))
+
+    def latest_traffic(self) -> TrafficView | None:
+        views = [v for v in (link.latest_traffic() for link in self._links()) if v is not None]
+        return max(views, key=lambda v: v.end_ns) if views else None
+
+    def recover(self, writer: InfluxWriter) -> int:
+        return 0  # each partition's engine recovers when the partition is taken
+
+    def close(self) -> None:
+        with self._lock:
+            links, self.links = list(self.links.values()), {}
+        for link in links:
+            link.close()
