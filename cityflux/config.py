@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 from urllib.parse import urlsplit
 
 import msgspec
@@ -239,8 +239,20 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and "__" in name:
             keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
-            _set_dotted(data, keys, value)
+            _set_dotted(data, keys, _env_value(keys, value))
     return _convert(data)
+
+
+def _env_value(keys: list[str], value: str) -> Any:
+    """A variable is one string; a list key takes comma-separated items, e.g.
+    ``CITYFLUX_NATS__URLS=nats://n1:4222,nats://n2:4222``."""
+    node: Any = Config
+    for key in keys:
+        fields = msgspec.structs.fields(node) if isinstance(node, type) else ()
+        node = next((field.type for field in fields if field.name == key), None)
+    if get_origin(node) in (tuple, list):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -27,6 +27,15 @@ class MqttProtocolError(MqttError):
     """The broker sent a malformed or forbidden packet: drop the connection and reconnect."""
 
 
+class NatsError(CityfluxError):
+    """NATS or JetStream failed: unreachable, or the server refused a request (its error code
+    and description are in the message and in ``code``)."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class StoreError(CityfluxError):
     """Writing to the time-series database failed."""
 

@@ -49,6 +49,7 @@ class Component:
     last_progress: float = field(default_factory=time.monotonic)
     thread: threading.Thread | None = None
     recent: deque[float] = field(default_factory=deque)  # monotonic times of recent restarts
+    retired: bool = False  # its work is over: returning is expected (Supervisor.retire)
 
     def beat(self) -> None:
         """The component did some work (or confirmed it has none): the watchdog's input."""
@@ -107,6 +108,15 @@ class Supervisor:
         """No more restarts; targets see :attr:`stopping` (or their own stop) and return."""
         self.stopping.set()
 
+    def retire(self, name: str) -> None:
+        """The component's work is over while the process goes on (a partition's analytics
+        handed to another worker): when its target returns it is not restarted, and it is
+        no longer watched. Call it before making the target return."""
+        with self._lock:
+            component = self.components.get(name)
+            if component is not None:
+                component.retired = True
+
     def join(self, timeout_s: float = 10.0) -> list[str]:
         """Wait for every component's thread; the names of those still running."""
         deadline = time.monotonic() + timeout_s
@@ -143,7 +153,10 @@ class Supervisor:
                 reason = f"{type(exc).__name__}: {exc}"
                 log.exception("component %s failed; restarting it", component.name)
             else:
-                if self.stopping.is_set():
+                if self.stopping.is_set() or component.retired:
+                    with self._lock:
+                        if component.retired and self.components.get(component.name) is component:
+                            del self.components[component.name]
                     return
                 reason = "returned while the process was running"
                 log.error("component %s %s; restarting it", component.name, reason)

@@ -21,14 +21,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from cityflux.errors import CityfluxError, ConfigError
+from cityflux.errors import ConfigError
 from cityflux.files import private_sqlite_file, set_aside
+
+# the records are shared with the JetStream store (cityflux/nats/alerts.py); re-exported
+# here (`as`: explicit for mypy) so importers of cityflux.analytics.alerts keep working
+from cityflux.model.alerts import Ack as Ack  # noqa: PLC0414
+from cityflux.model.alerts import AckRecord as AckRecord  # noqa: PLC0414
+from cityflux.model.alerts import AckRefused as AckRefused  # noqa: PLC0414
+from cityflux.model.alerts import AckStatus as AckStatus  # noqa: PLC0414
+from cityflux.model.alerts import Alert as Alert  # noqa: PLC0414
 from cityflux.model.units import NS
 
 log = logging.getLogger(__name__)
@@ -105,59 +113,6 @@ def load_rules(path: str | Path | None = None) -> list[Rule]:
     return rules
 
 
-class Alert(msgspec.Struct, kw_only=True):
-    id: int = 0
-    rule: str
-    entity: str
-    district: str
-    severity: str
-    state: Literal["active", "cleared"] = "active"
-    acknowledged: bool = False
-    flapping: bool = False
-    value: float
-    message: str
-    started_ns: int
-    updated_ns: int
-    cleared_ns: int = 0
-    count: int = 1
-    acknowledged_by: str = ""
-    acknowledged_ns: int = 0  # wall clock of the acknowledgement in force (0: none)
-
-
-AckStatus = Literal["acknowledged", "already", "refused", "unknown"]
-
-
-@dataclass(slots=True, frozen=True)
-class Ack:
-    """What an acknowledgement did. ``acknowledged``: recorded (``previous_by`` is set when it
-    overrode another operator's with force); ``already``: the same operator had acknowledged
-    it, nothing changed; ``refused``: someone else had, and force was not given; ``unknown``:
-    no such alert. ``alert`` is the alert as stored afterwards (None when unknown)."""
-
-    status: AckStatus
-    alert: Alert | None
-    previous_by: str = ""
-    previous_ns: int = 0
-
-    @property
-    def applied(self) -> bool:
-        return self.status == "acknowledged"
-
-
-class AckRecord(msgspec.Struct, frozen=True):
-    """One acknowledgement as recorded (every one is kept, the overridden ones too)."""
-
-    alert_id: int
-    by: str
-    at_ns: int
-    forced: bool
-    alert_state: str  # the alert's state when it was acknowledged: active or cleared
-
-
-class AckRefused(CityfluxError):
-    """An alert acknowledged by another operator, acknowledged again without force."""
-
-
 @dataclass(slots=True)
 class Observation:
     """Values of one source at one event time, one row per entity."""
@@ -175,6 +130,28 @@ class Observation:
 class Tracker:
     pending_since: int = -1
     alert: Alert | None = None
+
+
+class AlertStorage(Protocol):
+    """What the engine and ``cityflux alerts`` need of an alert store: :class:`AlertStore`
+    (SQLite, one process) or ``cityflux.nats.alerts.KvAlertStore`` (a JetStream KV bucket
+    shared by the workers of a city). Both apply the same acknowledgement rule."""
+
+    def save(self, alerts: list[Alert]) -> None: ...
+
+    def acknowledge(
+        self, alert_id: int, by: str, force: bool = False, at_ns: int | None = None
+    ) -> Ack: ...
+
+    def acknowledgements(self, alert_id: int) -> list[AckRecord]: ...
+
+    def select(self) -> list[Alert]: ...  # all, oldest first
+
+    def with_state(self, state: str) -> list[Alert]: ...
+
+    def active(self) -> list[Alert]: ...
+
+    def close(self) -> None: ...
 
 
 class AlertStore:
@@ -321,6 +298,9 @@ class AlertStore:
             for row in cursor.fetchall()
         ]  # fmt: skip
 
+    def with_state(self, state: str) -> list[Alert]:
+        return self.select("state=?", (state,))
+
     def active(self) -> list[Alert]:
         return self.select("state='active'")
 
@@ -331,7 +311,7 @@ class AlertStore:
 class AlertEngine:
     """Evaluates rules on observations; returns the alerts whose state changed."""
 
-    def __init__(self, rules: list[Rule], store: AlertStore) -> None:
+    def __init__(self, rules: list[Rule], store: AlertStorage) -> None:
         self.rules = rules
         self.by_source: dict[str, list[Rule]] = {}
         for rule in rules:

@@ -128,6 +128,8 @@ class AnalyticsEngine:
         self.on_worker_error: Callable[[], object] = lambda: None
         self._deliver: Callable[[list[Result]], object] = lambda results: None
         self._undelivered: list[Result] = []  # results whose delivery raised: retried first
+        # after each checkpoint file is written (a partition's engine copies it to the cluster)
+        self.on_checkpoint: Callable[[Path], object] = lambda path: None
         self.restore()
 
     def windows_in_background(self, deliver: Callable[[list[Result]], object]) -> None:
@@ -340,6 +342,7 @@ class AnalyticsEngine:
         missed counts nothing twice."""
         checkpoint_file.write(self.checkpoint_path, snapshot.state(self))
         self._last_checkpoint = time.monotonic()
+        self.on_checkpoint(self.checkpoint_path)
 
     def restore(self) -> None:
         """Load the checkpoint, if any. One that cannot be read or does not fit is logged,

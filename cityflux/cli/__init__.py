@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from cityflux.cli import alerts, dashboards, demo, devices, doctor, ingest, scenario, simulate
+from cityflux.cli import (
+    alerts,
+    dashboards,
+    demo,
+    devices,
+    doctor,
+    ingest,
+    nats,
+    scenario,
+    simulate,
+)
 from cityflux.cli.common import app
 
 __all__ = [
@@ -14,6 +24,7 @@ __all__ = [
     "doctor",
     "ingest",
     "main",
+    "nats",
     "scenario",
     "simulate",
 ]

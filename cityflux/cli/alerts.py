@@ -19,9 +19,9 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from cityflux.analytics.alerts import Alert, AlertStore
+from cityflux.analytics.alerts import Ack, Alert, AlertStorage, AlertStore
 from cityflux.cli.common import ConfigOption, DataDirOption, app, console, load_with_data_dir
-from cityflux.config import MqttConfig
+from cityflux.config import Config, MqttConfig
 from cityflux.errors import CityfluxError, MqttError
 from cityflux.mqtt.consumer import apply_credentials
 
@@ -47,22 +47,41 @@ def list_alerts(
     data_dir: DataDirOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Alerts from the alert database (DATA_DIR/analytics/alerts.sqlite, or analytics.alerts_db)."""
+    """Alerts from the alert database (DATA_DIR/analytics/alerts.sqlite, or analytics.alerts_db);
+    with source.kind = "nats", from the alerts bucket all the workers share."""
     if state not in ("active", "cleared", "all"):
         _fail(f"--state {state}: expected active, cleared or all", code=2)
     loaded = load_with_data_dir(config, data_dir)
-    path = loaded.analytics.alerts_db
-    store = AlertStore.open_existing(path)
+    store: AlertStorage | None
+    if loaded.source.kind == "nats":
+        store, path = _bucket_store(loaded), f"NATS bucket {loaded.nats.alerts_bucket}"
+    else:
+        path = loaded.analytics.alerts_db
+        store = AlertStore.open_existing(path)
     if store is None:  # reading creates nothing
         console.print(f"no alert database at {path}" + ("" if data_dir else _where_hint()))
         return
-    alerts = store.select() if state == "all" else store.select("state=?", (state,))
-    store.close()
+    try:
+        alerts = store.select() if state == "all" else store.with_state(state)
+    except CityfluxError as exc:
+        _fail(f"{path}: {exc}")
+    finally:
+        store.close()
     if as_json:
         for alert in alerts:
             typer.echo(msgspec.json.encode(alert).decode())
         return
     console.print(_table(alerts, f"{len(alerts)} {state} alerts in {path}", state == "all"))
+
+
+def _bucket_store(loaded: Config) -> AlertStorage:
+    """The alerts bucket of a city on NATS (docs/analytics.md, "Alerts across workers")."""
+    from cityflux.nats.alerts import KvAlertStore  # nats-py: only for a city on NATS
+
+    try:
+        return KvAlertStore.open(loaded.nats, "cityflux-alerts-cli", timeout_s=ACK_TIMEOUT_S)
+    except CityfluxError as exc:
+        _fail(str(exc))
 
 
 def _where_hint() -> str:
@@ -121,8 +140,13 @@ def ack(
 
     An alert another operator acknowledged is refused (exit 1) unless --force; both
     acknowledgements are kept. An alert that already cleared is acknowledged for the record,
-    and the message says it cleared. Any failure is one line on stderr and exit code 1."""
+    and the message says it cleared. Any failure is one line on stderr and exit code 1.
+    With source.kind = "nats", the acknowledgement goes to the alerts bucket the workers share
+    (nothing is sent over MQTT: the workers read it there)."""
     loaded = load_with_data_dir(config, data_dir)
+    if loaded.source.kind == "nats":
+        _ack_in_bucket(loaded, alert_id, by, force)
+        return
     path = loaded.analytics.alerts_db
     try:
         store = AlertStore.open_existing(path)
@@ -139,15 +163,8 @@ def ack(
         _fail(f"no alert {alert_id} in {path}")
     name = f"alert {alert_id} ({alert.rule} {alert.entity})"
     if result.status == "refused":
-        _fail(
-            f"{name} was acknowledged by {result.previous_by} at {_when(result.previous_ns)}; "
-            f"not acknowledged by {by} (add --force to acknowledge it too: both are recorded)"
-        )
-    cleared = (
-        f"; it had already cleared at {_when(alert.cleared_ns)}, acknowledged for the record"
-        if alert.state == "cleared"
-        else ""
-    )
+        _fail(_refused(name, result, by))
+    cleared = _cleared(alert)
     done = (
         f"was already acknowledged by {by} at {_when(result.previous_ns)}"
         if result.status == "already"
@@ -166,6 +183,45 @@ def ack(
         return
     over = f" (over {result.previous_by}'s, with --force)" if result.previous_by else ""
     _say(f"{name} acknowledged by {by}{over} and sent to the broker{cleared}")
+
+
+def _ack_in_bucket(loaded: Config, alert_id: int, by: str, force: bool) -> None:
+    """`alerts ack` for a city on NATS: one compare-and-set in the alerts bucket."""
+    where = f"NATS bucket {loaded.nats.alerts_bucket}"
+    store = _bucket_store(loaded)
+    try:
+        result = store.acknowledge(alert_id, by, force)
+    except CityfluxError as exc:
+        _fail(f"{where}: {exc}")
+    finally:
+        store.close()
+    alert = result.alert
+    if alert is None:
+        _fail(f"no alert {alert_id} in {where}")
+    name = f"alert {alert_id} ({alert.rule} {alert.entity})"
+    if result.status == "refused":
+        _fail(_refused(name, result, by))
+    if result.status == "already":
+        _say(f"{name} was already acknowledged by {by} at {_when(result.previous_ns)}"
+             f"{_cleared(alert)}")  # fmt: skip
+        return
+    over = f" (over {result.previous_by}'s, with --force)" if result.previous_by else ""
+    _say(f"{name} acknowledged by {by}{over} in the {where}{_cleared(alert)}")
+
+
+def _refused(name: str, result: Ack, by: str) -> str:
+    return (
+        f"{name} was acknowledged by {result.previous_by} at {_when(result.previous_ns)}; "
+        f"not acknowledged by {by} (add --force to acknowledge it too: both are recorded)"
+    )
+
+
+def _cleared(alert: Alert) -> str:
+    return (
+        f"; it had already cleared at {_when(alert.cleared_ns)}, acknowledged for the record"
+        if alert.state == "cleared"
+        else ""
+    )
 
 
 def _say(message: str) -> None:

@@ -4,6 +4,10 @@ The stream's subject transform ``{{partition(P,1)}}`` files a reading under FNV-
 its district token modulo P (nats-server ``subject_transform.go``, ``getHashPartition``).
 cityflux computes the same number to know which districts a partition holds (its analytics
 state, its checkpoint); a test checks it against the server.
+
+nats-server turns an MQTT topic into a subject level by level and writes a '.' inside a level
+as '//' (server/mqtt.go ``mqttToNATSSubjectConversion``; ids may contain '.', docs/contract.md):
+the district ``d.1`` is the token ``d//1``, and that token is what the server hashes.
 """
 
 from __future__ import annotations
@@ -21,8 +25,18 @@ def fnv1a_32(data: bytes) -> int:
     return value
 
 
+def subject_token(level: str) -> str:
+    """The NATS subject token of one MQTT topic level (a '.' is written '//')."""
+    return level.replace(".", "//")
+
+
+def topic_level(token: str) -> str:
+    """The MQTT topic level of one NATS subject token (the inverse of :func:`subject_token`)."""
+    return token.replace("//", ".")
+
+
 def partition_of(district: str, partitions: int) -> int:
-    return fnv1a_32(district.encode()) % partitions
+    return fnv1a_32(subject_token(district).encode()) % partitions
 
 
 def partition_transform(topic_root: str, subject_root: str, partitions: int) -> tuple[str, str]:
@@ -36,6 +50,30 @@ def partition_transform(topic_root: str, subject_root: str, partitions: int) -> 
     )
 
 
+# where the server's MQTT layer stores QoS 1 publishes before it PUBACKs them; the readings
+# stream sources from it (docs/scale.md, "Setting up the stream")
+MQTT_MSGS_STREAM: Final = "$MQTT_msgs"
+MQTT_MSGS_PREFIX: Final = "$MQTT.msgs."
+
+
+def source_transforms(
+    topic_root: str, subject_root: str, partitions: int
+) -> dict[str, tuple[str, str]]:
+    """(filter, destination) of the two sourcing transforms from ``$MQTT_msgs``, by name:
+    ``readings`` ``{topic}.{district}.{kind}.{device}`` and ``status`` (the same plus
+    ``.status``), each filed as ``{subject_root}.{partition}.{district}.{kind}.{device}[.status]``.
+    Token counts keep ``deadletter/…``, ``alerts/ack`` and the alerts out (docs/scale.md)."""
+    root = MQTT_MSGS_PREFIX + topic_root.strip("/").replace("/", ".")
+    dest = (
+        f"{subject_root}.{{{{partition({partitions},1)}}}}"
+        ".{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}"
+    )
+    return {
+        "readings": (f"{root}.*.*.*", dest),
+        "status": (f"{root}.*.*.*.status", f"{dest}.status"),
+    }
+
+
 def partition_subject(subject_root: str, partition: int) -> str:
     """What the consumer of one partition filters on."""
     return f"{subject_root}.{partition}.>"
@@ -43,7 +81,7 @@ def partition_subject(subject_root: str, partition: int) -> str:
 
 def topic_of(subject: str, subject_root: str, topic_root: str) -> str:
     """The MQTT topic a stored subject came from (the pipeline speaks topics):
-    ``cityflux.p.7.d1.pole.p-1`` -> ``cityflux/v1/d1/pole/p-1``."""
+    ``cityflux.p.7.d1.pole.p-1`` -> ``cityflux/v1/d1/pole/p-1``, ``…det//1`` -> ``…det.1``."""
     rest = subject[len(subject_root) + 1 :]
     _, _, tail = rest.partition(".")
-    return f"{topic_root.rstrip('/')}/{tail.replace('.', '/')}"
+    return "/".join([topic_root.rstrip("/"), *map(topic_level, tail.split("."))])

@@ -87,7 +87,7 @@ class JetStreamSource:
         self._cond = threading.Condition()
         self._inbox = Inbox()
         self._wanted = 1
-        self._replies: dict[int, str] = {}  # receipt -> the message's ack subject
+        self._replies: dict[int, tuple[int, str]] = {}  # receipt -> (partition, ack subject)
         self._receipt = 0
         # messages in hand (received, not acknowledged) above which the pullers pause
         self._limit = config.ingest.batch_size * (config.ingest.write_concurrency + 2)
@@ -95,8 +95,10 @@ class JetStreamSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nc: Client | None = None
         self._stopping = threading.Event()
-        self._owned: frozenset[int] = frozenset()
+        self._owned: frozenset[int] = frozenset()  # assigned: we ask for their messages
+        self._active: set[int] = set()  # pinned to us: messages came, on_partitions told
         self._pullers: dict[int, asyncio.Task[None]] = {}
+        self._warned_no_stream = False
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, wait_s: float = 0.0) -> None:
@@ -143,7 +145,7 @@ class JetStreamSource:
     def ack(self, batch: MessageBatch) -> bool:
         """Acknowledge every message of a durable batch (each on its own ack subject)."""
         with self._cond:
-            replies = [self._replies.pop(r) for r in batch.receipts if r in self._replies]
+            replies = [self._replies.pop(r)[1] for r in batch.receipts if r in self._replies]
         if not replies:
             return True
         try:
@@ -176,6 +178,27 @@ class JetStreamSource:
             log.warning("publishing %d messages failed: %s", len(messages), exc)
             return 0
 
+    def put_object(self, name: str, data: bytes) -> None:
+        """Store ``data`` in the checkpoints bucket (replicated like the stream)."""
+        self._call(self._put_object(name, data), timeout_s=30.0)
+
+    def get_object(self, name: str) -> bytes | None:
+        """The object ``name`` from the checkpoints bucket; None if there is none."""
+        data: bytes | None = self._call(self._get_object(name), timeout_s=30.0)
+        return data
+
+    async def _put_object(self, name: str, data: bytes) -> None:
+        store = await self._client().jetstream().object_store(self.nats.checkpoints_bucket)
+        await store.put(name, data)
+
+    async def _get_object(self, name: str) -> bytes | None:
+        store = await self._client().jetstream().object_store(self.nats.checkpoints_bucket)
+        try:
+            result = await store.get(name)
+        except nats.js.errors.ObjectNotFoundError:
+            return None
+        return result.data
+
     # -- crossing into the loop ---------------------------------------------------------------
     def _call(self, coroutine: Any, timeout_s: float) -> Any:
         loop = self._loop
@@ -196,15 +219,24 @@ class JetStreamSource:
         await nc.flush(timeout=5)
 
     async def _publish_stored(self, messages: list[tuple[str, bytes]], timeout_s: float) -> int:
-        js = self._client().jetstream(timeout=timeout_s)
+        """Into the stream that holds their subjects; where no stream does (no dead-letter
+        stream set up), the server's taking them is the confirmation, as a broker's PUBACK."""
+        nc = self._client()
+        js = nc.jetstream(timeout=timeout_s)
         stored = 0
         for topic, payload in messages:
             try:
                 await js.publish(_subject(topic), payload)
+            except nats.js.errors.NoStreamResponseError:
+                await nc.publish(_subject(topic), payload)
+                if not self._warned_no_stream:
+                    self._warned_no_stream = True
+                    log.warning("no stream keeps %s: published, not stored in NATS", topic)
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                 log.warning("JetStream did not store %s: %s", topic, exc)
                 continue
             stored += 1
+        await nc.flush(timeout=max(1, int(timeout_s)))
         return stored
 
     def _client(self) -> Client:
@@ -244,24 +276,41 @@ class JetStreamSource:
             await asyncio.sleep(min(0.1, seconds))
 
     async def _rebalance(self, assigned: frozenset[int]) -> None:
+        """Ask for the messages of the partitions now assigned; hand the others back: stop
+        asking, let what is in hand be acknowledged, tell on_partitions (the engine's last
+        checkpoint goes to the cluster), then unpin, so that the next owner's first message
+        comes after that checkpoint."""
         gained, lost = assigned - self._owned, self._owned - assigned
         if not gained and not lost:
             return
+        log.info(
+            "%s: partitions %s (gained %s, lost %s)",
+            self.client_id, sorted(assigned), sorted(gained), sorted(lost),
+        )  # fmt: skip
+        self._owned = assigned
         for partition in sorted(lost):
             task = self._pullers.pop(partition)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+            await self._settled(partition)
+            if partition in self._active:
+                self._active.discard(partition)
+                await asyncio.to_thread(self.on_partitions, frozenset(), frozenset({partition}))
             await self._unpin(partition)
-        self._owned = assigned
-        if gained or lost:
-            log.info(
-                "%s: partitions %s (gained %s, lost %s)",
-                self.client_id, sorted(assigned), sorted(gained), sorted(lost),
-            )  # fmt: skip
-            await asyncio.to_thread(self.on_partitions, gained, lost)
         for partition in sorted(gained):
             self._pullers[partition] = asyncio.create_task(self._pull(partition))
+
+    async def _settled(self, partition: int) -> None:
+        """Wait (bounded by the pin timeout) until no message of ``partition`` is in hand."""
+        deadline = time.monotonic() + self.nats.pin_timeout_s
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            with self._cond:
+                if all(p != partition for p, _ in self._replies.values()):
+                    return
+            await asyncio.sleep(0.05)
+        if not self._stopping.is_set():  # stopping: they are redelivered to the next owner
+            log.warning("partition %d handed back with messages still in hand", partition)
 
     async def _unpin(self, partition: int) -> None:
         """Release the pin now, so that the new owner need not wait out pin_timeout_s."""
@@ -321,6 +370,10 @@ class JetStreamSource:
                     await self._hand_over(partition, done.messages)
                 if done.status == _PIN_LOST:
                     pin = None  # another worker holds it: keep asking, as its standby
+                    if partition in self._active:  # ... and its state goes with it
+                        self._active.discard(partition)
+                        lost = frozenset({partition})
+                        await asyncio.to_thread(self.on_partitions, frozenset(), lost)
                 elif done.status == "409" or (not done.status and not done.messages):
                     await asyncio.sleep(min(expires, 1.0))  # consumer gone, or no answer
         finally:
@@ -338,6 +391,9 @@ class JetStreamSource:
             await asyncio.sleep(0.02)
 
     async def _hand_over(self, partition: int, messages: list[Msg]) -> None:
+        if partition not in self._active:  # the pin is ours: the partition's state first
+            self._active.add(partition)
+            await asyncio.to_thread(self.on_partitions, frozenset({partition}), frozenset())
         topics: list[str] = []
         payloads: list[bytes] = []
         replies: list[str] = []
@@ -355,7 +411,7 @@ class JetStreamSource:
         with self._cond:
             receipts = list(range(self._receipt + 1, self._receipt + 1 + len(topics)))
             self._receipt += len(topics)
-            self._replies.update(zip(receipts, replies, strict=True))
+            self._replies.update(zip(receipts, ((partition, r) for r in replies), strict=True))
             self._inbox.append(topics, payloads, receipts)
             if len(self._inbox) >= self._wanted:
                 self._cond.notify()

@@ -18,7 +18,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import numpy as np
@@ -73,6 +73,14 @@ def _indices(rows: Any) -> Any:
     return np.flatnonzero(rows) if rows.dtype == np.bool_ else rows
 
 
+class Objects(Protocol):
+    """Where a partition's checkpoint lives between owners (the cluster's object store)."""
+
+    def put_object(self, name: str, data: bytes) -> None: ...
+
+    def get_object(self, name: str) -> bytes | None: ...
+
+
 class PartitionedAnalytics:
     """The pipeline's analytics when the source hands out partitions (same calls as
     :class:`AnalyticsLink`)."""
@@ -84,8 +92,15 @@ class PartitionedAnalytics:
         write: Callable[[list[str]], object],
         spawn: Spawn,
         writer: InfluxWriter,
+        objects: Objects,
+        retire: Callable[[str], None],
     ) -> None:
+        """``spawn``/``retire``: start a supervised thread, and end one for good (a partition's
+        engine worker, when the partition goes to another worker)."""
         self.config = config
+        self.objects = objects
+        self.retire = retire
+        self._threads: dict[int, str] = {}  # partition -> its engine worker's thread name
         self.publisher = publisher
         self.write = write
         self.spawn = spawn
@@ -108,19 +123,56 @@ class PartitionedAnalytics:
             with self._lock:
                 link = self.links.pop(partition, None)
             if link is not None:
-                link.close()  # its last checkpoint, for whoever takes it over
+                self._close(partition, link)
         for partition in sorted(gained):
             if partition not in self.districts:
                 continue  # no district of the map hashes here
+            self._fetch_checkpoint(partition)
             link = self._start(partition)
             recovered = link.recover(self.writer, sorted(self.districts[partition]))
             log.info("partition %d: analytics started, %d readings re-read", partition, recovered)
             with self._lock:
                 self.links[partition] = link
 
+    # -- checkpoints travel through the cluster ---------------------------------------------------
+    def _directory(self, partition: int) -> Path:
+        return Path(self.config.analytics.checkpoint_dir) / f"p{partition}"
+
+    @staticmethod
+    def _object(partition: int) -> str:
+        return f"partition-{partition}/windows.npz"
+
+    def _fetch_checkpoint(self, partition: int) -> None:
+        """The partition's last checkpoint from the cluster (its previous owner's, wherever
+        that ran) replaces any local copy; none there: the local one, if any, is used."""
+        try:
+            data = self.objects.get_object(self._object(partition))
+        except Exception as exc:
+            log.warning("partition %d: checkpoint not fetched (%s)", partition, exc)
+            return
+        if data is None:
+            return
+        path = self._directory(partition) / "windows.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".fetched")
+        temporary.write_bytes(data)
+        temporary.replace(path)
+
+    def _upload(self, partition: int, path: Path) -> None:
+        try:
+            self.objects.put_object(self._object(partition), path.read_bytes())
+        except Exception as exc:
+            log.warning("partition %d: checkpoint not stored in the cluster (%s)", partition, exc)
+
+    def _close(self, partition: int, link: AnalyticsLink) -> None:
+        name = self._threads.pop(partition, None)
+        if name is not None:
+            self.retire(name)
+        link.close()  # stops its worker, writes the last checkpoint (and uploads it)
+
     def _start(self, partition: int) -> AnalyticsLink:
         base = self.config.analytics
-        directory = Path(base.checkpoint_dir) / f"p{partition}"
+        directory = self._directory(partition)
         analytics = msgspec.structs.replace(
             base,
             checkpoint_dir=str(directory),
@@ -131,11 +183,13 @@ class PartitionedAnalytics:
         number = self._started
 
         def spawn(name: str, target: Any) -> threading.Thread:
-            return self.spawn(f"{name}-p{partition}-{number}", target)
+            self._threads[partition] = f"{name}-p{partition}-{number}"
+            return self.spawn(self._threads[partition], target)
 
         part = city_part(self.city, self.districts[partition])
         link = AnalyticsLink(config, self.publisher, self.write, spawn, city=part)
         link.result_filter = without_city_row
+        link.engine.on_checkpoint = lambda path: self._upload(partition, path)
         self.checkpoint_corrupt += link.engine.counts["checkpoint_corrupt"]
         link.engine.on_worker_error = self.on_worker_error
         return link
@@ -190,4 +244,4 @@ class PartitionedAnalytics:
         with self._lock:
             links, self.links = list(self.links.values()), {}
         for link in links:
-            link.close()
+            link.close()  # each uploads its last checkpoint, if the cluster is there

@@ -140,7 +140,7 @@ class Pipeline:
             # whole districts per worker (partitions): the analytics run in every worker
             partitioned = PartitionedAnalytics(
                 config, self.source, self.committer.write_derived,
-                self.supervisor.start_thread, self.writer,
+                self.supervisor.start_thread, self.writer, self.source, self.supervisor.retire,
             )  # fmt: skip
             partitioned.on_worker_error = self.metrics.analytics_errors.inc
             self.source.on_partitions = partitioned.on_partitions

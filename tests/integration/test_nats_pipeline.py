@@ -5,18 +5,27 @@ Real nats-server (one node, or three), real InfluxDB."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import uuid
 from pathlib import Path
 
+import msgspec
+
 from bench.ingest import influx_count
 from bench.stream import mixed_stream, points_in
+from cityflux.analytics.results import SEGMENT_MEASUREMENT
 from cityflux.config import Config
 from cityflux.nats.admin import init
 from cityflux.pipeline.pipeline import Pipeline
 from cityflux.servers import LocalInfluxDB
 from cityflux.servers_nats import LocalNats
+from cityflux.simulators.runner import run_simulation
+from cityflux.simulators.scenario import load_scenario
+from cityflux.simulators.simulation import Simulation
+from cityflux.store.influx import InfluxWriter
 from tests.conftest import TEN_YEARS_S
-from tests.support import publish_all, wait_for
+from tests.support import publish_all, select, wait_for
 
 
 def nats_config(urls: list[str], influx: LocalInfluxDB, tmp: Path, name: str) -> Config:
@@ -58,3 +67,109 @@ def test_one_worker_stores_every_reading_published_over_mqtt(
         wait_for(lambda: points(influxdb, config) >= points_in(messages), 60, "every point stored")
         assert pipeline.source.owned() == frozenset(range(8))  # type: ignore[attr-defined]
     assert points(influxdb, config) == points_in(messages)
+
+
+# -- the same answer from one worker and from three over 16 partitions -------------------------
+def group_config(base: Config, group: str, tmp: Path, worker: str) -> Config:
+    return base.with_overrides(
+        {
+            "nats.group": group,
+            "nats.partitions": 16,
+            "nats.members_bucket": f"{group}_workers",
+            "nats.alerts_bucket": f"{group}_alerts",
+            "nats.checkpoints_bucket": f"{group}_checkpoints",
+            "mqtt.client_id": f"{group}-{worker}",
+            "influx.database": f"test_{group}_{base.mqtt.client_id[-6:]}",
+            "spool.dir": str(tmp / group / worker / "spool"),
+            "analytics.checkpoint_dir": str(tmp / group / worker / "analytics"),
+            "analytics.alerts_db": str(tmp / group / worker / "analytics" / "alerts.sqlite"),
+        }
+    )
+
+
+def segment_rows(influx: LocalInfluxDB, database: str) -> list[tuple[object, ...]]:
+    config = Config().with_overrides({"influx.url": influx.url, "influx.database": database})
+    writer = InfluxWriter(config.influx)
+    try:
+        rows = select(writer, f'SELECT * FROM "{SEGMENT_MEASUREMENT}"')
+    finally:
+        writer.close()
+    return sorted(tuple(sorted((k, v) for k, v in row.items() if v is not None)) for row in rows)
+
+
+# a city's pace, sped up: each batch spans seconds of event time, as live (at full speed one
+# batch spans minutes, and which readings are too late depends on where batches split)
+SPEED = 150.0
+_seen: dict[str, tuple[int, float]] = {}
+
+
+def settled(influx: LocalInfluxDB, database: str) -> bool:
+    """The segment rows stopped changing for four seconds."""
+    count, now = len(segment_rows(influx, database)), time.monotonic()
+    last = _seen.get(database)
+    if last is None or last[0] != count:
+        _seen[database] = (count, now)
+        return False
+    return now - last[1] >= 4.0
+
+
+def test_one_worker_and_three_workers_give_the_same_indices_and_alerts(
+    nats_node: LocalNats, influxdb: LocalInfluxDB, tmp_path: Path
+) -> None:
+    scenario = load_scenario("rush-hour-incident", {"clock.duration_s": 4_200.0})  # crash at 3,600
+    sim = Simulation(scenario, scenario.start_epoch_s(time.time(), SPEED))
+    city_map = tmp_path / "city-map.json"
+    city_map.write_bytes(msgspec.json.encode(sim.city))
+    base = nats_config([nats_node.url], influxdb, tmp_path, f"s{uuid.uuid4().hex[:6]}")
+    base = base.with_overrides({"analytics.city_map": str(city_map)})
+    one = [group_config(base, "one", tmp_path, "w0")]
+    three = [group_config(base, "three", tmp_path, f"w{i}") for i in range(3)]
+    asyncio.run(init(one[0]))
+    asyncio.run(init(three[0]))
+    assert nats_node.mqtt_port is not None
+    device_side = msgspec.structs.replace(
+        base.mqtt, url=f"mqtt://127.0.0.1:{nats_node.mqtt_port}", protocol="3.1.1"
+    )
+    expected = sum(sim.expected.points.get(m, 0) for m in ("pole", "manhole", "traffic"))
+    with contextlib.ExitStack() as stack:
+        workers = [stack.enter_context(Pipeline(c, connect_timeout_s=10)) for c in one + three]
+        sources = [w.source for w in workers]
+
+        def owned() -> list[frozenset[int]]:
+            return [s.owned() for s in sources]  # type: ignore[attr-defined]
+
+        def balanced() -> bool:  # every partition owned once in each group, by every worker
+            o = owned()
+            return sorted(p for s in o[1:] for p in s) == list(range(16)) and all(o)
+
+        wait_for(balanced, 30, "the partitions shared out")
+        summary = run_simulation(sim, device_side, SPEED)
+        assert summary.completed
+        for configs in (one, three):
+            wait_for(lambda c=configs: points(influxdb, c[0]) >= expected, 120, "every reading")
+        for worker in workers:
+            worker.finish_windows()
+        for configs in (one, three):  # the engines' workers deliver windows in the background
+            wait_for(lambda c=configs: settled(influxdb, c[0].influx.database), 60, "windows")
+        answers = []
+        late = [w.metrics.value("rejections_total", reason="too_late") for w in workers]
+        for group in (workers[:1], workers[1:]):
+            # which rule fired on which entity, and how it ended; its start is the event time of
+            # the reading that crossed, which at 150x can fall into one batch or the next
+            alerts = sorted((a.rule, a.entity, a.state) for w in group for a in w.alert_history())
+            database = group[0].config.influx.database
+            answers.append(
+                (segment_rows(influxdb, database), alerts, [w.source.owned() for w in group])
+            )  # type: ignore[attr-defined]
+    (rows_one, alerts_one, owned_one), (rows_three, alerts_three, owned_three) = answers
+    assert owned_one == [frozenset(range(16))]
+    assert sorted(p for o in owned_three for p in o) == list(range(16))  # each exactly once
+    assert all(owned_three), owned_three  # every worker owns some
+    only_one, only_three = set(rows_one) - set(rows_three), set(rows_three) - set(rows_one)
+    assert late == [0, 0, 0, 0]
+    assert len(rows_one) > 1_000 and rows_one == rows_three, (
+        f"{len(only_one)} rows only from one worker, {len(only_three)} only from three: "
+        f"{sorted(only_one)[:2]} {sorted(only_three)[:2]}"
+    )
+    assert any(a[0] == "traffic_incident" for a in alerts_one)
+    assert alerts_one == alerts_three

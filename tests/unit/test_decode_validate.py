@@ -385,7 +385,12 @@ CASES: list[tuple[str, str, bytes, Reason, int | None, str]] = [
 ]
 
 # given by other stages: the sink (write_rejected), analytics (too_late), the error boundary
-NOT_FROM_DECODE_OR_VALIDATE = {Reason.WRITE_REJECTED, Reason.TOO_LATE, Reason.INTERNAL_ERROR}
+NOT_FROM_DECODE_OR_VALIDATE = {
+    Reason.WRITE_REJECTED,
+    Reason.TOO_LATE,
+    Reason.INTERNAL_ERROR,
+    Reason.REDELIVERED,  # the JetStream source, for a message never settled
+}
 
 
 def test_every_reason_of_decode_and_validate_has_a_case() -> None:
