@@ -38,7 +38,14 @@ import numpy.typing as npt
 
 from cityflux.analytics import checkpoint as checkpoint_file
 from cityflux.analytics import snapshot
-from cityflux.analytics.alerts import Alert, AlertEngine, AlertStore, Observation, load_rules
+from cityflux.analytics.alerts import (
+    Alert,
+    AlertEngine,
+    AlertStorage,
+    AlertStore,
+    Observation,
+    load_rules,
+)
 from cityflux.analytics.citymapfile import load_configured_map
 from cityflux.analytics.citymodel import CityModel, lookup
 from cityflux.analytics.devices import DeviceIndex
@@ -76,7 +83,10 @@ class AnalyticsEngine:
         *,
         index_tables: bool = True,
         notify: Callable[[Alert], None] | None = None,
+        alert_store: AlertStorage | None = None,
     ) -> None:
+        """``alert_store``: where alerts live (default: the SQLite file analytics.alerts_db;
+        with several workers, the cluster's KV bucket)."""
         self.config = config
         # called at once for every alert change, before windows are computed: an open manhole
         # cover must not wait for a minute of traffic indices (bench/analytics.py, latency)
@@ -98,7 +108,8 @@ class AnalyticsEngine:
         self.manholes = ManholeState(np.array([m.depth_cm for m in self.city.manholes]))
         self.devices = DeviceIndex(self.city)
         self.last_seen = np.zeros(len(self.devices.ids), dtype=np.int64)
-        self.alerts = AlertEngine(load_rules(config.rules_file), AlertStore(config.alerts_db))
+        store = alert_store if alert_store is not None else AlertStore(config.alerts_db)
+        self.alerts = AlertEngine(load_rules(config.rules_file), store)
         self.pole_lon = np.array([p.lon for p in self.city.poles])
         self.pole_lat = np.array([p.lat for p in self.city.poles])
         self.pole_sites = PoleSites.of(self.city)

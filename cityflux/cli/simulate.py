@@ -13,6 +13,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cityflux.cli import stream_replay
 from cityflux.cli.common import (
     ConfigOption,
     DataDirOption,
@@ -245,17 +246,41 @@ def record(
 
 @app.command()
 def replay(
-    recording: Annotated[Path, typer.Argument(help="a file written by `cityflux record`")],
+    recording: Annotated[
+        Path | None, typer.Argument(help="a file written by `cityflux record`")
+    ] = None,
     speed: SpeedOption = "1",
     shift_to_now: Annotated[bool, typer.Option(help="move timestamps so the run starts now")] = (
         False
     ),
     loop: Annotated[int, typer.Option(help="play it this many times")] = 1,
     mqtt_url: MqttUrl = None,
+    from_stream: stream_replay.FromStreamOption = False,
+    since: stream_replay.SinceOption = None,
+    partition: stream_replay.PartitionOption = None,
+    database: stream_replay.DatabaseOption = None,
+    replace: stream_replay.ReplaceOption = False,
+    rules: stream_replay.RulesOption = None,
+    city_map: stream_replay.CityMapOption = None,
+    state_dir: stream_replay.StateDirOption = None,
+    batch_span: stream_replay.BatchSpanOption = None,
+    nats_url: stream_replay.NatsUrlOption = None,
     data_dir: DataDirOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Re-publish a recording in its original order, inter-arrival times scaled by --speed."""
+    """Re-publish a recording in its original order, inter-arrival times scaled by --speed;
+    or, with --from-stream, re-run what the JetStream stream keeps through the pipeline into
+    another database (docs/scale.md, "Replay from the stream")."""
+    if from_stream or recording is None:
+        stream_replay.command(
+            recording,
+            stream_replay.StreamArgs(
+                from_stream, since, partition, database, replace, rules, city_map, state_dir,
+                batch_span, nats_url,
+            ),
+            load_with_data_dir(config, data_dir),
+        )  # fmt: skip
+        return
     if not recording.is_file():  # before connecting anywhere: the file is what is missing
         raise _fail(f"no recording at {recording} (write one with `cityflux record FILE`)")
     loaded = mqtt_config(load_with_data_dir(config, data_dir), mqtt_url)

@@ -14,7 +14,7 @@ from typing import Any, Final, Protocol
 import msgspec
 import numpy as np
 
-from cityflux.analytics.alerts import Alert
+from cityflux.analytics.alerts import Alert, AlertStorage
 from cityflux.analytics.engine import AnalyticsEngine, TooLate, alert_point
 from cityflux.analytics.environment import POLE_INPUTS
 from cityflux.analytics.traffic import TrafficView
@@ -60,8 +60,10 @@ class AnalyticsLink:
         write: Callable[[list[str]], object],
         spawn: Spawn,
         city: CityMap | None = None,
+        alert_store: AlertStorage | None = None,
     ) -> None:
-        """``city``: the map (or part of it) the engine computes (default: the configured)."""
+        """``city``: the map (or part of it) the engine computes (default: the configured);
+        ``alert_store``: where its alerts live (default: the SQLite file)."""
         self.publisher = publisher
         root = config.mqtt.topic_root
         self.alert_root = f"{root}/alerts"
@@ -70,7 +72,9 @@ class AnalyticsLink:
         self._encoder = msgspec.json.Encoder()
         self._write = write
         self.tables = TableEncoder()
-        self.engine = AnalyticsEngine(config.analytics, city, notify=self._publish_one)
+        self.engine = AnalyticsEngine(
+            config.analytics, city, notify=self._publish_one, alert_store=alert_store
+        )
         # results pass this before encoding (a partition's engine drops its city row)
         self.result_filter: Callable[[list[Result]], list[Result]] = lambda results: results
         # the window results are written from the worker, so their volume never holds up
@@ -134,7 +138,12 @@ class AnalyticsLink:
             lines += self._acknowledge(ack)
         return lines
 
-    def _acknowledge(self, message: AckMessage) -> list[str]:
+    def apply_acknowledgement(self, alert_id: int, by: str) -> list[str]:
+        """An acknowledgement made elsewhere (`cityflux alerts ack` on the cluster's bucket):
+        published and its InfluxDB point written as if it had come over MQTT."""
+        return self._acknowledge(AckMessage(alert_id, by), quiet_refusal=True)
+
+    def _acknowledge(self, message: AckMessage, quiet_refusal: bool = False) -> list[str]:
         """The rule of ``cityflux alerts ack``: another operator's acknowledgement stands
         unless the message says ``force``; a refused one is logged and changes nothing."""
         ack = self.engine.alerts.ack(message.id, message.by, message.force)
@@ -142,6 +151,8 @@ class AnalyticsLink:
             log.warning("acknowledgement of unknown alert %d", message.id)
             return []
         if ack.status == "refused":
+            if quiet_refusal:  # a later acknowledgement overrode this one: it stands
+                return []
             log.warning(
                 "acknowledgement of alert %d by %s refused: already acknowledged by %s "
                 '(send "force": true to acknowledge it again)',

@@ -23,13 +23,14 @@ from typing import Any, Protocol
 import msgspec
 import numpy as np
 
-from cityflux.analytics.alerts import Alert
+from cityflux.analytics.alerts import Ack, AckRecord, Alert
 from cityflux.analytics.citymapfile import load_configured_map
 from cityflux.analytics.traffic import TrafficView
 from cityflux.config import Config
 from cityflux.model.citymap import CityMap
 from cityflux.model.columns import Columns, Rejection
 from cityflux.model.points import Result, Table
+from cityflux.nats.alerts import KvAlertStore
 from cityflux.nats.partition import partition_of
 from cityflux.pipeline.analytics_link import AnalyticsLink, Publisher
 from cityflux.store.influx import InfluxWriter
@@ -73,6 +74,39 @@ def _indices(rows: Any) -> Any:
     return np.flatnonzero(rows) if rows.dtype == np.bool_ else rows
 
 
+class ScopedAlerts:
+    """The cluster's alert store as one partition's engine sees it: its own districts' alerts
+    (an engine restarted on a partition carries on with those, not the whole city's); closing
+    it leaves the shared store open for the other partitions."""
+
+    def __init__(self, store: KvAlertStore, districts: set[str]) -> None:
+        self.store = store
+        self.districts = districts
+
+    def save(self, alerts: list[Alert]) -> None:
+        self.store.save(alerts)
+
+    def acknowledge(
+        self, alert_id: int, by: str, force: bool = False, at_ns: int | None = None
+    ) -> Ack:
+        return self.store.acknowledge(alert_id, by, force, at_ns)
+
+    def acknowledgements(self, alert_id: int) -> list[AckRecord]:
+        return self.store.acknowledgements(alert_id)
+
+    def select(self) -> list[Alert]:
+        return [a for a in self.store.select() if a.district in self.districts]
+
+    def with_state(self, state: str) -> list[Alert]:
+        return [a for a in self.store.with_state(state) if a.district in self.districts]
+
+    def active(self) -> list[Alert]:
+        return self.store.active_in(self.districts)
+
+    def close(self) -> None:
+        pass  # the worker closes the shared store
+
+
 class Objects(Protocol):
     """Where a partition's checkpoint lives between owners (the cluster's object store)."""
 
@@ -101,6 +135,9 @@ class PartitionedAnalytics:
         self.objects = objects
         self.retire = retire
         self._threads: dict[int, str] = {}  # partition -> its engine worker's thread name
+        # one connection to the cluster's alert bucket for all of this worker's partitions
+        self.alerts = KvAlertStore.open(config.nats, f"{config.mqtt.client_id}-alerts")
+        self.alerts.follow_acks()
         self.publisher = publisher
         self.write = write
         self.spawn = spawn
@@ -187,7 +224,10 @@ class PartitionedAnalytics:
             return self.spawn(self._threads[partition], target)
 
         part = city_part(self.city, self.districts[partition])
-        link = AnalyticsLink(config, self.publisher, self.write, spawn, city=part)
+        scoped = ScopedAlerts(self.alerts, self.districts[partition])
+        link = AnalyticsLink(
+            config, self.publisher, self.write, spawn, city=part, alert_store=scoped
+        )
         link.result_filter = without_city_row
         link.engine.on_checkpoint = lambda path: self._upload(partition, path)
         self.checkpoint_corrupt += link.engine.counts["checkpoint_corrupt"]
@@ -200,7 +240,7 @@ class PartitionedAnalytics:
 
     # -- what the pipeline calls ----------------------------------------------------------------
     def process(self, columns: dict[str, Columns]) -> tuple[list[str], list[Rejection]]:
-        lines: list[str] = []
+        lines = self._acks_from_elsewhere()  # a deque check when there are none
         late: list[Rejection] = []
         with self._lock:
             links = dict(self.links)
@@ -221,13 +261,31 @@ class PartitionedAnalytics:
         return lookup[inverse]
 
     def idle(self) -> list[str]:
-        return [line for link in self._links() for line in link.idle()]
+        return self._acks_from_elsewhere() + [
+            line for link in self._links() for line in link.idle()
+        ]
+
+    def _acks_from_elsewhere(self) -> list[str]:
+        """Acknowledgements written to the bucket by `cityflux alerts ack` (or another
+        worker): the partition holding the alert publishes it and writes its point."""
+        lines: list[str] = []
+        for record in self.alerts.take_acks():
+            alert = self.alerts.get(record.alert_id)
+            partition = None if alert is None else self.partition_of.get(alert.district)
+            with self._lock:
+                link = self.links.get(partition) if partition is not None else None
+            if link is not None:
+                lines += link.apply_acknowledgement(record.alert_id, record.by)
+        return lines
 
     def flush(self) -> list[str]:
         return [line for link in self._links() for line in link.flush()]
 
     def acknowledgements(self, topics: list[str], payloads: list[bytes]) -> list[str]:
-        return [line for link in self._links() for line in link.acknowledgements(topics, payloads)]
+        """MQTT acknowledgements do not reach the stream (it holds readings only): on the
+        cluster, `cityflux alerts ack` writes to the alert bucket, which :meth:`process` and
+        :meth:`idle` follow."""
+        return []
 
     def alert_history(self) -> list[Alert]:
         alerts = [alert for link in self._links() for alert in link.alert_history()]
@@ -245,3 +303,4 @@ class PartitionedAnalytics:
             links, self.links = list(self.links.values()), {}
         for link in links:
             link.close()  # each uploads its last checkpoint, if the cluster is there
+        self.alerts.close()
