@@ -94,7 +94,7 @@ class ResultTables:
 
         fields = {
             "tpi": r.tpi, "congested_share": r.congested_share, "cv": r.cv, "vkt": r.vkt,
-            "segments_with_data": r.links_with_data.astype(np.int64),
+            "segments_with_data": r.links_with_data.astype(np.int64), "tpi_vkt": r.tpi_vkt,
         }  # fmt: skip
         return [Table(DISTRICT_MEASUREMENT, series, self.tags(series, build), rounded(fields), end)]
 

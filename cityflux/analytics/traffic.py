@@ -177,6 +177,9 @@ class Rollup:
     cv: Array
     vkt: Array
     links_with_data: Array
+    # sum of segment TPI x VKT: with vkt, the city's TPI from district rows alone
+    # (sum(tpi_vkt) / sum(vkt)), which workers that each hold some districts can write
+    tpi_vkt: Array
 
 
 def rollup(model: CityModel, link: LinkIndices) -> Rollup:
@@ -205,6 +208,7 @@ def rollup(model: CityModel, link: LinkIndices) -> Rollup:
             cv=np.where(mean > 0, std / mean, np.where(n > 0, 0.0, np.nan)),
             vkt=w,
             links_with_data=n,
+            tpi_vkt=w_tpi,
         )
 
 

@@ -17,6 +17,7 @@ from cityflux.cli import app
 from cityflux.cli.scenario import execute
 from cityflux.config import Config
 from cityflux.dashboards import catalog
+from cityflux.dashboards.overview import CITY_TPI
 from cityflux.dashboards.verify import Check, targets, verify
 from cityflux.simulators.scenario import load_scenario
 from cityflux.simulators.simulation import Simulation
@@ -58,6 +59,7 @@ def test_every_panel_query_returns_data(
     failed = [f"{c.dashboard} / {c.panel} / {c.ref_id}: {c.error or 'no data'}\n  {c.query}"
               for c in checks if not c.ok]  # fmt: skip
     assert not failed, "\n".join(failed)
+    city_tpi_matches(db)
     # every panel and every annotation of every dashboard was run
     expected = {(name, p["title"]) for name, d in dashboards().items() for p in d["panels"]}
     expected |= {(name, f"annotation: {a['name']}") for name, d in dashboards().items()
@@ -113,3 +115,17 @@ def test_verify_command_fails_on_empty_panels(config: Config, db: InfluxWriter) 
     assert f"0/{queries} queries return data" in result.output
     assert "error" not in result.output.lower()
     assert result.output.count("no data") == queries
+
+
+def city_tpi_matches(db: InfluxWriter) -> None:
+    """The overview's city TPI, computed from the district rows (so that it holds on the
+    cluster, where no worker writes the city row), equals the engine's city row."""
+    window = """"district" = 'city' AND "window" = '5m' AND "vkt" > 0"""
+    city = select(db, f'SELECT "tpi" FROM "traffic_district" WHERE {window}')
+    derived = select(
+        db, CITY_TPI.replace("$timeFilter", "time > 0") + " GROUP BY time(1m) fill(none)"
+    )
+    by_time = {row["time"]: row["tpi"] for row in derived}
+    assert len(city) > 10
+    for row in city:
+        assert by_time[row["time"]] == pytest.approx(row["tpi"], rel=1e-3, abs=1e-3), row
