@@ -1,5 +1,5 @@
 # The two commands of the README, and the checks CI runs.
-.PHONY: demo run install test test-unit check bench bench-simulate bench-chaos bench-analytics bench-scale
+.PHONY: demo run install test test-unit check bench bench-simulate bench-chaos bench-analytics bench-scale bench-scale-nats
 
 # `make install` links the command here (Debian's ~/.profile puts it on the PATH when it exists)
 BINDIR ?= $(HOME)/.local/bin
@@ -52,3 +52,8 @@ bench-analytics: ## analytics core in-process, then publish -> alert latency at 
 bench-scale: ## 1 vs 2 workers on a backlog, servers on core 1 and workers on core 0, then unpinned: bench/results/scale-*.json
 	@scripts/bootstrap.sh
 	.venv/bin/python -m bench.scale
+
+bench-scale-nats: ## 1/2/4 workers on NATS JetStream vs one on MQTT (100k backlog), then partition balance of the 100k city: bench/results/scale_nats-*.json, partitions-*.json
+	@scripts/bootstrap.sh
+	.venv/bin/python -m bench.scale_nats --messages 100000
+	.venv/bin/python -m bench.partitions --partitions 16,64

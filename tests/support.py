@@ -138,9 +138,13 @@ def config_env(config: Config) -> dict[str, str]:
         for key, value in values.items():
             if value is None or isinstance(value, dict):
                 continue
-            env[f"CITYFLUX_{section.upper()}__{key.upper()}"] = (
-                str(value).lower() if isinstance(value, bool) else str(value)
-            )
+            if isinstance(value, bool):
+                text = str(value).lower()
+            elif isinstance(value, list | tuple):  # nats.urls: comma-separated (config.py)
+                text = ",".join(str(item) for item in value)
+            else:
+                text = str(value)
+            env[f"CITYFLUX_{section.upper()}__{key.upper()}"] = text
     return env
 
 
