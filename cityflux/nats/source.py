@@ -99,6 +99,11 @@ class JetStreamSource:
         self._active: set[int] = set()  # pinned to us: messages came, on_partitions told
         self._pullers: dict[int, asyncio.Task[None]] = {}
         self._warned_no_stream = False
+        self._live: list[str] = []  # the live workers at the last heartbeat
+        # partitions being handed back: their pullers send no new request, and the messages
+        # of the one out are handed over (redelivered only after ack_wait, they would come
+        # to the next owner late, behind newer ones)
+        self._winding_down: set[int] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, wait_s: float = 0.0) -> None:
@@ -255,13 +260,18 @@ class JetStreamSource:
         self._nc = nc
         self.connected.set()
         members = await Members.open(nc, self.nats, self.client_id)
+        live = asyncio.get_running_loop().create_future()
+        beating = asyncio.create_task(self._beat(members, live))
         try:
-            while not self._stopping.is_set():
+            await asyncio.wait([beating, live], return_when=asyncio.FIRST_COMPLETED)
+            while not self._stopping.is_set() and not beating.done():
                 component.beat()
-                live = await members.heartbeat(self._owned)
-                await self._rebalance(members.assignment(live))
+                await self._rebalance(members.assignment(self._live))
                 await self._sleep(self.nats.heartbeat_s)
+            if beating.done() and not self._stopping.is_set():
+                beating.result()  # its failure: the supervisor restarts the source
         finally:
+            beating.cancel()
             self.connected.clear()
             await self._rebalance(frozenset())  # hand every partition back at once
             with contextlib.suppress(Exception):
@@ -269,6 +279,22 @@ class JetStreamSource:
             with contextlib.suppress(Exception):
                 await nc.drain()
             self._nc = None
+
+    async def _beat(self, members: Members, first: asyncio.Future[None]) -> None:
+        """The membership heartbeat, on a task of its own: a hand-over (the outstanding pull
+        requests, the checkpoints) may take longer than the worker's key lives (3 beats), and
+        a worker that beats late drops out of the others' view, then rejoins: every worker
+        then moves partitions back and forth (measured: every 2-4 s with 3 workers, before
+        any reading came). A beat that fails (a NATS node lost) is retried at the next one."""
+        while not self._stopping.is_set():
+            try:
+                self._live = await members.heartbeat(self._owned)
+            except (NatsError, nats.errors.Error, TimeoutError) as exc:
+                log.warning("%s: membership heartbeat failed: %s", self.client_id, exc)
+            else:
+                if not first.done():
+                    first.set_result(None)
+            await self._sleep(self.nats.heartbeat_s)
 
     async def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -288,18 +314,25 @@ class JetStreamSource:
             self.client_id, sorted(assigned), sorted(gained), sorted(lost),
         )  # fmt: skip
         self._owned = assigned
-        for partition in sorted(lost):
-            task = self._pullers.pop(partition)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            await self._settled(partition)
-            if partition in self._active:
-                self._active.discard(partition)
-                await asyncio.to_thread(self.on_partitions, frozenset(), frozenset({partition}))
-            await self._unpin(partition)
+        # all at once: one after another, a worker handing back 8 partitions took ~8 s
+        await asyncio.gather(*(self._release(partition) for partition in sorted(lost)))
         for partition in sorted(gained):
             self._pullers[partition] = asyncio.create_task(self._pull(partition))
+
+    async def _release(self, partition: int) -> None:
+        task = self._pullers.pop(partition)
+        self._winding_down.add(partition)  # no new pull request; the one out completes
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(task), self.nats.fetch_expires_s + 2.0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        self._winding_down.discard(partition)
+        await self._settled(partition)
+        if partition in self._active:
+            self._active.discard(partition)
+            await asyncio.to_thread(self.on_partitions, frozenset(), frozenset({partition}))
+        await self._unpin(partition)
 
     async def _settled(self, partition: int) -> None:
         """Wait (bounded by the pin timeout) until no message of ``partition`` is in hand."""
@@ -352,7 +385,7 @@ class JetStreamSource:
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.nats.stream}.{self._consumer(partition)}"
         expires = self.nats.fetch_expires_s
         try:
-            while True:
+            while partition not in self._winding_down:
                 await self._wait_for_room()
                 request = _Request(self._fetch)
                 body: dict[str, Any] = {
@@ -377,6 +410,10 @@ class JetStreamSource:
                 elif done.status == "409" or (not done.status and not done.messages):
                     await asyncio.sleep(min(expires, 1.0))  # consumer gone, or no answer
         finally:
+            if request is not None:  # cancelled mid-request: back to the stream at once
+                for msg in request.messages:
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
 

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client
 from nats.errors import Error as NatsClientError
-from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import BucketNotFoundError
 
 from cityflux.config import Config
 from cityflux.errors import NatsError
@@ -18,6 +18,7 @@ from cityflux.nats.admin import (
     stream_info,
 )
 from cityflux.nats.connect import connect
+from cityflux.nats.members import live_values
 from cityflux.nats.partition import MQTT_MSGS_STREAM
 
 
@@ -122,19 +123,13 @@ async def _partition(nc: Client, config: Config, partition: int) -> PartitionSta
 
 
 async def members(nc: Client, bucket: str) -> list[Member]:
-    """The live workers: keys of the members bucket (a dead worker's expires)."""
+    """The live workers: keys of the members bucket (a dead worker's expires), read as the
+    workers read them (``live_values``: nats-py's ``kv.keys()`` leaves a consumer behind)."""
     try:
         kv = await nc.jetstream().key_value(bucket)
-        keys = await kv.keys()
-    except (BucketNotFoundError, NoKeysError):
+        values = await live_values(nc, kv, bucket)
+    except BucketNotFoundError:
         return []
     except NatsClientError as exc:
         raise NatsError(f"reading the members bucket {bucket}: {exc}") from exc
-    found = []
-    for key in sorted(keys):
-        try:
-            entry = await kv.get(key)
-        except NotFoundError:  # expired or deleted since keys() listed it
-            continue
-        found.append(Member(key, (entry.value or b"").decode(errors="replace")))
-    return found
+    return [Member(key, values[key].decode(errors="replace")) for key in sorted(values)]
