@@ -3,19 +3,18 @@
 Each worker puts its name into the members bucket every ``nats.heartbeat_s``; the bucket's
 ``max_age`` (3 heartbeats, set by `cityflux nats init`) lets a dead worker's key expire. The
 heartbeat also says which partitions the worker owns, and every worker computes the same
-:func:`share_out` from the live workers and those claims: each keeps what it owns (up to an
-equal share), and only the partitions nobody live owns are dealt out, to the least loaded. So
-a worker that dies moves only its own partitions (with ``live[p % len(live)]`` 11 of 16 moved
-when one of three workers was killed, each a hand-over: a checkpoint, an engine restarted, its
-windows re-read). Views may differ for a heartbeat; the pinned consumers (ADR-42) keep a
-partition with one worker all the same.
+:func:`share_out` from the live workers and those claims: each keeps what it owns (up to its
+quota, P // n or one more), and only the rest is dealt out, to those below their quota. So a
+worker that dies moves only its own partitions, and one that joins takes only its share
+(with ``live[p % len(live)]`` 11 of 16 moved when one of three workers was killed, each a
+hand-over: a checkpoint, an engine restarted, its windows re-read). Views may differ for a
+heartbeat; the pinned consumers (ADR-42) keep a partition with one worker all the same.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 
 from nats.aio.client import Client
@@ -52,23 +51,29 @@ def _rank(worker: str, partition: int) -> int:
 
 
 def share_out(live: list[str], claims: dict[str, list[int]], partitions: int) -> dict[int, str]:
-    """partition -> live worker. A worker keeps the partitions it claims, up to ceil(P/n) (its
-    best-ranked ones); a partition claimed twice (views that differed) goes to the first in
-    name order; the rest go one by one to the least loaded worker."""
+    """partition -> live worker. Each worker has a quota, P // n or one more (the extra ones
+    to the workers claiming most, so that nobody gives back what it holds when a worker dies);
+    it keeps the partitions it claims up to its quota (its best-ranked ones); a partition
+    claimed twice (views that differed) goes to the first in name order; the rest go one by
+    one to the worker furthest below its quota. A joining worker so takes only what the others
+    hold above their new quotas."""
     if not live:
         return {}
-    cap = math.ceil(partitions / len(live))
+    mine = {w: {p for p in claims.get(w, []) if 0 <= p < partitions} for w in live}
+    base, extra = divmod(partitions, len(live))
+    by_claims = sorted(live, key=lambda w: (-len(mine[w]), w))
+    quota = {w: base + (1 if i < extra else 0) for i, w in enumerate(by_claims)}
     owner: dict[int, str] = {}
     load = dict.fromkeys(live, 0)
     for worker in sorted(live):
         # a set: a claim listing a partition twice must not count it twice (found by a test)
-        mine = {p for p in claims.get(worker, []) if 0 <= p < partitions and p not in owner}
-        for p in sorted(mine, key=lambda p: _rank(worker, p), reverse=True)[:cap]:
+        kept = sorted(mine[worker] - owner.keys(), key=lambda p: _rank(worker, p), reverse=True)
+        for p in kept[: quota[worker]]:
             owner[p] = worker
             load[worker] += 1
     for p in range(partitions):
         if p not in owner:
-            worker = min(live, key=lambda w: (load[w], -_rank(w, p)))
+            worker = min(live, key=lambda w: (load[w] - quota[w], -_rank(w, p)))
             owner[p] = worker
             load[worker] += 1
     return owner

@@ -29,7 +29,7 @@ def test_every_partition_goes_to_one_live_worker_within_an_equal_share(
     assert sorted(owner) == list(range(partitions))
     assert set(owner.values()) <= set(live)
     loads = [list(owner.values()).count(w) for w in live]
-    assert max(loads) <= math.ceil(partitions / len(live))
+    assert max(loads) - min(loads) <= 1 and max(loads) <= math.ceil(partitions / len(live))
     assert owner == share_out(list(reversed(live)), claims, partitions)  # the same everywhere
 
 
@@ -54,3 +54,17 @@ def test_a_heartbeat_that_is_not_ours_claims_nothing() -> None:
     for junk in (b"", b"\xff", b"[]", b"5", b'{"partitions": 3}', b'{"partitions": "1,2"}'):
         assert _claimed(junk) == [], junk
     assert _claimed(b'{"partitions": [1, true, 2.0, "3", 4]}') == [1, 4]
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(st.integers(1, 8), st.integers(1, 64))
+def test_a_joining_worker_gets_an_equal_share_and_only_that_moves(
+    workers: int, partitions: int
+) -> None:
+    live = [f"w{i}" for i in range(workers)]
+    before = share_out(live, {}, partitions)
+    claims = {w: [p for p, o in before.items() if o == w] for w in live}
+    after = share_out([*live, "new"], claims, partitions)
+    moved = {p for p in range(partitions) if after[p] != before[p]}
+    assert all(after[p] == "new" for p in moved)
+    assert len(moved) == partitions // (workers + 1)  # its share, no more, no less
