@@ -35,7 +35,7 @@ from tests.integration.test_nats_pipeline import nats_config, segment_rows, sett
 from tests.support import publish_all, select, wait_for
 
 PARTITIONS = 8
-SPEED = 150.0
+SPEED = 300.0
 # what the live consumers' state is made of: none of it may move because of a replay
 CONSUMER_STATE = ("num_pending", "num_ack_pending", "num_redelivered", "ack_floor", "delivered")
 
