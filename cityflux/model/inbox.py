@@ -7,6 +7,7 @@ every take (a backlog holds several batches: ~7 % of cityflux's CPU in a py-spy 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -59,3 +60,43 @@ class Inbox:
                 del chunk.topics[:room], chunk.payloads[:room], chunk.receipts[:room]
         self._count -= len(batch.receipts)
         return batch
+
+
+class WaitingInbox:
+    """An :class:`Inbox` shared by a source's receiving side (:meth:`append`) and the pipeline
+    (:meth:`take`, which waits for a full batch or its deadline). The receiving side wakes
+    the pipeline only once a waiting take has enough: a wake per socket read or pull request
+    would only send it back to waiting."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Condition()  # also guards what a source changes with the inbox
+        self._inbox = Inbox()
+        self._wanted = 1  # messages the waiting take() needs before it is worth waking
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self._inbox)
+
+    def append(self, topics: list[str], payloads: list[bytes], receipts: list[int]) -> None:
+        with self.lock:
+            self._inbox.append(topics, payloads, receipts)
+            if len(self._inbox) >= self._wanted:
+                self.lock.notify()
+
+    def take(self, max_messages: int, wait_s: float) -> MessageBatch:
+        """Up to ``max_messages`` messages, after at most ``wait_s`` seconds of waiting."""
+        deadline = time.monotonic() + wait_s
+        with self.lock:
+            self._wanted = max_messages
+            while len(self._inbox) < max_messages:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.lock.wait(remaining)
+            self._wanted = 1
+            return self._inbox.take(max_messages)
+
+    def reset(self, generation: int) -> None:
+        """Drop what is held (a connection lost: the broker redelivers it) and stamp what comes
+        next with the new connection's ``generation``. The caller holds :attr:`lock`."""
+        self._inbox = Inbox(generation)

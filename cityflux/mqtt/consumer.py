@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from cityflux.config import MqttConfig
 from cityflux.errors import MqttError, MqttProtocolError
 from cityflux.model.contract import OFFLINE, ONLINE
-from cityflux.model.inbox import Inbox
+from cityflux.model.inbox import WaitingInbox
 from cityflux.model.messages import MessageBatch
 from cityflux.mqtt.codec import (
     AUTH,
@@ -83,9 +83,7 @@ class MqttConsumer:
         self.status_topic = f"{config.topic_root}/health/{self.client_id}/status"
         self.version = V5 if config.protocol == "5" else V311
         self.connected = threading.Event()
-        self._cond = threading.Condition()
-        self._inbox = Inbox()
-        self._wanted = 1  # messages the waiting take() needs before it is worth waking
+        self._inbox = WaitingInbox()
         self._generation = 0
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
@@ -234,19 +232,16 @@ class MqttConsumer:
     def _append(self, topics: list[str], payloads: list[bytes], ids: list[int]) -> None:
         if not topics:
             return
-        with self._cond:
-            self._inbox.append(topics, payloads, ids)
-            if len(self._inbox) >= self._wanted:  # else take() would only wait again
-                self._cond.notify()
+        self._inbox.append(topics, payloads, ids)
 
     def _on_disconnect(self) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
         self.metrics.mqtt_connected.set(0)
         self._close_socket()
-        with self._cond:
+        with self._inbox.lock:
             self._generation += 1
-            self._inbox = Inbox(self._generation)
+            self._inbox.reset(self._generation)
         if was_connected and not self._stopping.is_set():
             log.warning(
                 "disconnected from %s; unacknowledged messages will be redelivered", self.config.url
@@ -296,21 +291,11 @@ class MqttConsumer:
     # -- the pipeline's side ----------------------------------------------------------------
     def has_pending(self) -> bool:
         """Messages received and not yet taken: work waiting for the pipeline."""
-        with self._cond:
-            return len(self._inbox) > 0
+        return len(self._inbox) > 0
 
     def take(self, max_messages: int, wait_s: float) -> MessageBatch:
         """Up to ``max_messages`` messages, after at most ``wait_s`` seconds of waiting."""
-        deadline = time.monotonic() + wait_s
-        with self._cond:
-            self._wanted = max_messages
-            while len(self._inbox) < max_messages:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            self._wanted = 1
-            batch = self._inbox.take(max_messages)
+        batch = self._inbox.take(max_messages, wait_s)
         self.metrics.received.inc(len(batch))
         return batch
 
@@ -318,7 +303,7 @@ class MqttConsumer:
         """Acknowledge a durable batch; False if the connection it came on is gone."""
         acks = puback_packets(batch.receipts)
         with self._send_lock:  # no reconnect can slip between the check and the send
-            with self._cond:
+            with self._inbox.lock:
                 if batch.generation != self._generation:
                     return False
             if not self._send_locked(acks):

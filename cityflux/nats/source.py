@@ -36,7 +36,7 @@ from nats.aio.msg import Msg
 
 from cityflux.config import Config
 from cityflux.errors import NatsError
-from cityflux.model.inbox import Inbox
+from cityflux.model.inbox import WaitingInbox
 from cityflux.model.messages import MessageBatch
 from cityflux.nats.connect import connect
 from cityflux.nats.members import Members
@@ -84,9 +84,8 @@ class JetStreamSource:
         # message is handed over, and after a lost one's last
         self.on_partitions: Partitions = lambda gained, lost: None
         self.on_poison: Poison = lambda topic, payload, deliveries: False
-        self._cond = threading.Condition()
-        self._inbox = Inbox()
-        self._wanted = 1
+        self._inbox = WaitingInbox()
+        self._lock = threading.Lock()  # guards _replies and _receipt
         self._replies: dict[int, tuple[int, str]] = {}  # receipt -> (partition, ack subject)
         self._receipt = 0
         # messages in hand (received, not acknowledged) above which the pullers pause
@@ -130,26 +129,16 @@ class JetStreamSource:
 
     # -- the pipeline's side ----------------------------------------------------------------
     def has_pending(self) -> bool:
-        with self._cond:
-            return len(self._inbox) > 0
+        return len(self._inbox) > 0
 
     def take(self, max_messages: int, wait_s: float) -> MessageBatch:
-        deadline = time.monotonic() + wait_s
-        with self._cond:
-            self._wanted = max_messages
-            while len(self._inbox) < max_messages:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            self._wanted = 1
-            batch = self._inbox.take(max_messages)
+        batch = self._inbox.take(max_messages, wait_s)
         self.metrics.received.inc(len(batch))
         return batch
 
     def ack(self, batch: MessageBatch) -> bool:
         """Acknowledge every message of a durable batch (each on its own ack subject)."""
-        with self._cond:
+        with self._lock:
             replies = [self._replies.pop(r)[1] for r in batch.receipts if r in self._replies]
         if not replies:
             return True
@@ -338,7 +327,7 @@ class JetStreamSource:
         """Wait (bounded by the pin timeout) until no message of ``partition`` is in hand."""
         deadline = time.monotonic() + self.nats.pin_timeout_s
         while time.monotonic() < deadline and not self._stopping.is_set():
-            with self._cond:
+            with self._lock:
                 if all(p != partition for p, _ in self._replies.values()):
                     return
             await asyncio.sleep(0.05)
@@ -422,7 +411,7 @@ class JetStreamSource:
         pin timeout: a paused owner must not lose its partitions."""
         deadline = time.monotonic() + self.nats.pin_timeout_s / 3
         while time.monotonic() < deadline:
-            with self._cond:
+            with self._lock:
                 if len(self._replies) < self._limit:  # received, not yet acknowledged
                     return
             await asyncio.sleep(0.02)
@@ -445,13 +434,11 @@ class JetStreamSource:
             replies.append(msg.reply)
         if not topics:
             return
-        with self._cond:
+        with self._lock:  # the replies first: a taken message must be one we can settle
             receipts = list(range(self._receipt + 1, self._receipt + 1 + len(topics)))
             self._receipt += len(topics)
             self._replies.update(zip(receipts, ((partition, r) for r in replies), strict=True))
-            self._inbox.append(topics, payloads, receipts)
-            if len(self._inbox) >= self._wanted:
-                self._cond.notify()
+        self._inbox.append(topics, payloads, receipts)
 
     async def _poison(self, topic: str, msg: Msg, deliveries: int) -> None:
         """A message delivered max_deliver times and never settled: dead-letter, terminate."""

@@ -53,3 +53,29 @@ def test_a_batch_is_stamped_with_its_first_message_arrival() -> None:
     second = inbox.take(100)
     assert second.first_received > first
     assert second.receipts == list(range(10, 20))
+
+
+def test_a_waiting_take_returns_once_a_batch_is_there_or_at_its_deadline() -> None:
+    import threading
+
+    from cityflux.model.inbox import WaitingInbox
+
+    inbox = WaitingInbox()
+    inbox.append(*_chunk(0, 3))
+    started = time.monotonic()
+    assert inbox.take(10, 0.2).receipts == [0, 1, 2]  # not a full batch: the deadline
+    assert time.monotonic() - started >= 0.19
+
+    def feed() -> None:
+        for start in range(0, 10, 2):
+            time.sleep(0.02)
+            inbox.append(*_chunk(start, 2))
+
+    thread = threading.Thread(target=feed)
+    started = time.monotonic()
+    thread.start()
+    batch = inbox.take(10, 5.0)  # full well before the deadline
+    thread.join()
+    assert batch.receipts == list(range(10))
+    assert time.monotonic() - started < 2.0
+    assert len(inbox) == 0
