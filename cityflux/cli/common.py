@@ -16,6 +16,7 @@ import typer
 from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cityflux.config import Config, load_config
 from cityflux.errors import CityfluxError
@@ -237,3 +238,17 @@ def redraw_while(
     while worker.is_alive() and time.monotonic() < deadline:
         time.sleep(0.5)
         live.update(render())
+
+
+def progress_bar(percent: bool = True) -> Progress:
+    """A bar with counts and rates (a task's ``rate`` field); ``percent`` only when there is a
+    total to be a share of (without one the bar pulses instead of standing at 0 %)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        *([TextColumn("{task.percentage:>3.0f}%")] if percent else []),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )

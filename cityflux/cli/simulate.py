@@ -10,7 +10,6 @@ from typing import Annotated
 
 import msgspec
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cityflux.cli import stream_replay
@@ -21,6 +20,7 @@ from cityflux.cli.common import (
     broker_error,
     console,
     load_with_data_dir,
+    progress_bar,
 )
 from cityflux.config import Config
 from cityflux.errors import CityfluxError
@@ -145,7 +145,7 @@ def simulate(
             topic_root=loaded.mqtt.topic_root,
             start=start,
         )
-        summary = _with_progress(sim, loaded, parse_speed(speed))
+        summary = _withprogress_bar(sim, loaded, parse_speed(speed))
     except (CityfluxError, OSError, ValueError) as exc:
         raise _fail(broker_error(exc, loaded.mqtt.url)) from exc
     truth, expected = write_outputs(sim, out_dir / sim.scenario.name)
@@ -153,9 +153,9 @@ def simulate(
     console.print(f"ground truth: {truth}\nexpected counts: {expected}")
 
 
-def _with_progress(sim: Simulation, config: Config, speed: float) -> RunSummary:
+def _withprogress_bar(sim: Simulation, config: Config, speed: float) -> RunSummary:
     stop = threading.Event()
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task(sim.scenario.name, total=sim.end_s - sim.start_s, rate="")
         began = time.monotonic()
 
@@ -167,20 +167,6 @@ def _with_progress(sim: Simulation, config: Config, speed: float) -> RunSummary:
         except KeyboardInterrupt:
             stop.set()
             raise
-
-
-def _progress(percent: bool = True) -> Progress:
-    """A bar with counts and rates; ``percent`` only when there is a total to be a share of
-    (without one the bar pulses instead of standing at 0 %)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        *([TextColumn("{task.percentage:>3.0f}%")] if percent else []),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 def _counts(messages: int, began: float) -> str:
@@ -224,7 +210,7 @@ def record(
     # the bar runs against the duration (or the message count); with neither, it pulses
     total = duration or count or None
     try:
-        with _progress(percent=total is not None) as progress:
+        with progress_bar(percent=total is not None) as progress:
             task = progress.add_task(f"recording {topic}", total=total, rate="")
             while time.monotonic() < deadline and not (count and recorder.count >= count):
                 time.sleep(0.2)
@@ -291,7 +277,7 @@ def replay(
         raise _fail(exc) from exc
     began = time.monotonic()
     try:
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task(f"replaying {recording.name}", total=total, rate="")
 
             def update(at: float, published: int) -> None:

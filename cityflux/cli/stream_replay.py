@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Annotated, Final, NoReturn
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
-from cityflux.cli.common import console
+from cityflux.cli.common import console, progress_bar
 from cityflux.config import Config
 from cityflux.errors import CityfluxError, StoreError
 from cityflux.nats.replay import ReplaySource
@@ -323,7 +323,7 @@ def command(recording: Path | None, args: StreamArgs, live: Config) -> None:
             "message", highlight=False,
         )  # fmt: skip
     try:
-        with _progress() as progress:
+        with progress_bar(percent=False) as progress:
             summary = run(config, options, progress)
     except ReplayRefused as exc:
         _exit(str(exc), 2)
@@ -332,17 +332,6 @@ def command(recording: Path | None, args: StreamArgs, live: Config) -> None:
     console.print(summary_line(summary, database), soft_wrap=True, highlight=False)
     if summary.spooled:
         raise typer.Exit(1)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 def _exit(message: str, code: int) -> NoReturn:
