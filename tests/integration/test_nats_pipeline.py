@@ -105,7 +105,7 @@ def segment_rows(influx: LocalInfluxDB, database: str) -> list[tuple[object, ...
 
 # a city's pace, sped up: each batch spans seconds of event time, as live (at full speed one
 # batch spans minutes, and which readings are too late depends on where batches split)
-SPEED = 300.0
+SPEED = 150.0
 _seen: dict[str, tuple[int, float]] = {}
 
 
@@ -187,7 +187,7 @@ def test_one_worker_and_three_workers_give_the_same_indices_and_alerts(
         late = [w.metrics.value("rejections_total", reason="too_late") for w in workers]
         for group in (workers[:1], workers[1:]):
             # which rule fired on which entity, and how it ended; its start is the event time of
-            # the reading that crossed, which at 300x can fall into one batch or the next
+            # the reading that crossed, which at 150x can fall into one batch or the next
             alerts = sorted((a.rule, a.entity, a.state) for w in group for a in w.alert_history())
             database = group[0].config.influx.database
             answers.append(
