@@ -138,7 +138,13 @@ class AnalyticsEngine:
         # called on each failure of the worker (the pipeline counts them in /metrics)
         self.on_worker_error: Callable[[], object] = lambda: None
         self._deliver: Callable[[list[Result]], object] = lambda results: None
-        self._undelivered: list[Result] = []  # results whose delivery raised: retried first
+        # window results in the order they were computed, not yet written (a failed delivery
+        # keeps them first). One queue and one writer at a time, whichever thread computed
+        # them (worker, idle tick, flush): a window emitted twice (a late update) must reach
+        # the database in that order, or its stale version would win (points overwrite)
+        self._undelivered: list[Result] = []
+        self._queue_lock = threading.Lock()
+        self._deliver_lock = threading.Lock()
         # after each checkpoint file is written (a partition's engine copies it to the cluster)
         self.on_checkpoint: Callable[[Path], object] = lambda path: None
         self.restore()
@@ -163,17 +169,40 @@ class AnalyticsEngine:
             try:
                 with self._emit_lock:
                     self._emit(out)
-                    self._maybe_checkpoint()
+                    self._queue(out.results)
             except Exception:  # a bad window must not stop every later one
                 self._worker_failed("computing windows failed")
-            self._undelivered += out.results
-            if self._undelivered:
-                try:
-                    self._deliver(self._undelivered)
-                except Exception:  # kept, and delivered with the next results
-                    self._worker_failed(f"{len(self._undelivered)} results not written")
-                else:
-                    self._undelivered = []
+            try:
+                self.deliver_pending()
+            except Exception:  # kept, and delivered with the next results
+                self._worker_failed(f"{len(self._undelivered)} results not written")
+                continue
+            try:
+                with self._emit_lock:
+                    if not self._undelivered:  # the checkpoint says emitted: written too
+                        self._maybe_checkpoint()
+            except Exception:
+                self._worker_failed("checkpoint failed")
+
+    def _queue(self, results: list[Result]) -> None:
+        """Results to deliver, in the order computed (the caller holds _emit_lock)."""
+        if results:
+            with self._queue_lock:
+                self._undelivered += results
+
+    def deliver_pending(self) -> None:
+        """Write every queued result, oldest first; on failure they stay queued (raises)."""
+        with self._deliver_lock:
+            with self._queue_lock:
+                pending, self._undelivered = self._undelivered, []
+            if not pending:
+                return
+            try:
+                self._deliver(pending)
+            except BaseException:
+                with self._queue_lock:
+                    self._undelivered = pending + self._undelivered
+                raise
 
     def stop(self) -> None:
         """Make :meth:`work` return (after the round it is in)."""
@@ -245,6 +274,10 @@ class AnalyticsEngine:
         out = Output()
         idle = time.monotonic() - self._last_data >= self.config.idle_flush_s
         if idle and self.watermark.newest_ns and self._has_open_panes():
+            log.info(
+                "no readings for %.0f s: every open window closed",
+                time.monotonic() - self._last_data,
+            )
             self.flush(out)
         if not self._background:
             with self._emit_lock:
@@ -267,6 +300,15 @@ class AnalyticsEngine:
                 ) * self.traffic.pane_ns
                 self._poles_forced_ns = (newest // self.poles.pane_ns + 1) * self.poles.pane_ns
             self._emit(out)
+            if self._background:  # written by the one ordered path, now
+                self._queue(out.results)
+                out.results = []
+        if self._background:
+            try:
+                self.deliver_pending()
+            except Exception:  # kept: the worker writes them with its next round
+                self._worker_failed(f"{len(self._undelivered)} results not written")
+                self._wake.set()
         return out
 
     def _has_open_panes(self) -> bool:
@@ -386,6 +428,13 @@ class AnalyticsEngine:
         """Stop the worker loop, take a last checkpoint (after the worker's round: the caller
         joins its thread first) and close the alert store."""
         self.stop()
+        try:
+            self.deliver_pending()
+        except Exception:
+            log.exception(
+                "%d window results not written at close: the checkpoint marks them emitted",
+                len(self._undelivered),
+            )
         self.checkpoint()
         self.alerts.store.close()
 

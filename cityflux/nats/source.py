@@ -97,6 +97,8 @@ class JetStreamSource:
         self._owned: frozenset[int] = frozenset()  # assigned: we ask for their messages
         self._active: set[int] = set()  # pinned to us: messages came, on_partitions told
         self._pullers: dict[int, asyncio.Task[None]] = {}
+        self._releasing = 0  # partitions being handed back now
+        self._asked: dict[int, float] = {}  # partition -> when we last sent a pull request
         self._warned_no_stream = False
         self._live: list[str] = []  # the live workers at the last heartbeat
         # partitions being handed back: their pullers send no new request, and the messages
@@ -126,6 +128,11 @@ class JetStreamSource:
     def owned(self) -> frozenset[int]:
         """The partitions this worker pulls from now."""
         return self._owned
+
+    def handing_back(self) -> bool:
+        """Partitions are being handed back to the group now (their last messages settled,
+        their engines' last checkpoints written)."""
+        return self._releasing > 0
 
     # -- the pipeline's side ----------------------------------------------------------------
     def has_pending(self) -> bool:
@@ -275,13 +282,18 @@ class JetStreamSource:
         a worker that beats late drops out of the others' view, then rejoins: every worker
         then moves partitions back and forth (measured: every 2-4 s with 3 workers, before
         any reading came). A beat that fails (a NATS node lost) is retried at the next one."""
+        beats = 0
         while not self._stopping.is_set():
             try:
                 self._live = await members.heartbeat(self._owned)
             except (NatsError, nats.errors.Error, TimeoutError) as exc:
                 log.warning("%s: membership heartbeat failed: %s", self.client_id, exc)
             else:
-                if not first.done():
+                beats += 1
+                # the first claim after two beats: workers started together see each other
+                # first, instead of the first one taking every partition and handing most
+                # back a beat later (a hand-over each, under load if readings already flow)
+                if beats >= 2 and not first.done():
                     first.set_result(None)
             await self._sleep(self.nats.heartbeat_s)
 
@@ -309,6 +321,13 @@ class JetStreamSource:
             self._pullers[partition] = asyncio.create_task(self._pull(partition))
 
     async def _release(self, partition: int) -> None:
+        self._releasing += 1
+        try:
+            await self._hand_back(partition)
+        finally:
+            self._releasing -= 1
+
+    async def _hand_back(self, partition: int) -> None:
         task = self._pullers.pop(partition)
         self._winding_down.add(partition)  # no new pull request; the one out completes
         with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
@@ -318,10 +337,15 @@ class JetStreamSource:
             await task
         self._winding_down.discard(partition)
         await self._settled(partition)
-        if partition in self._active:
-            self._active.discard(partition)
-            await asyncio.to_thread(self.on_partitions, frozenset(), frozenset({partition}))
-        await self._unpin(partition)
+        if partition not in self._active:
+            # never pinned to us: no unpin, which would take the pin from the worker that
+            # holds it (measured: the engines of two partitions restarted mid-run, on the
+            # one-vs-three-workers test, by the unpins of the workers' first rebalances)
+            return
+        self._active.discard(partition)
+        await asyncio.to_thread(self.on_partitions, frozenset(), frozenset({partition}))
+        if time.monotonic() - self._asked.get(partition, 0.0) < self.nats.pin_timeout_s:
+            await self._unpin(partition)  # else the pin has expired, and may be another's
 
     async def _settled(self, partition: int) -> None:
         """Wait (bounded by the pin timeout) until no message of ``partition`` is in hand."""
@@ -384,6 +408,7 @@ class JetStreamSource:
                 }
                 if pin:
                     body["id"] = pin
+                self._asked[partition] = time.monotonic()
                 await nc.publish(subject, json.dumps(body).encode(), reply=inbox)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(request.done.wait(), expires + 1.0)
@@ -392,10 +417,7 @@ class JetStreamSource:
                     await self._hand_over(partition, done.messages)
                 if done.status == _PIN_LOST:
                     pin = None  # another worker holds it: keep asking, as its standby
-                    if partition in self._active:  # ... and its state goes with it
-                        self._active.discard(partition)
-                        lost = frozenset({partition})
-                        await asyncio.to_thread(self.on_partitions, frozenset(), lost)
+                    await self._pin_lost(partition)
                 elif done.status == "409" or (not done.status and not done.messages):
                     await asyncio.sleep(min(expires, 1.0))  # consumer gone, or no answer
         finally:
@@ -405,6 +427,15 @@ class JetStreamSource:
                         await msg.nak()
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
+
+    async def _pin_lost(self, partition: int) -> None:
+        """The server pinned ``partition`` to another worker: its state goes with it."""
+        if partition in self._active:
+            log.warning(
+                "%s: partition %d is pinned to another worker now", self.client_id, partition
+            )
+            self._active.discard(partition)
+            await asyncio.to_thread(self.on_partitions, frozenset(), frozenset({partition}))
 
     async def _wait_for_room(self) -> None:
         """Pause pulling while the pipeline has enough in hand, but ask again well within the

@@ -150,7 +150,7 @@ class PartitionedAnalytics:
         self.partition_of = {d: p for p, names in self.districts.items() for d in names}
         self.links: dict[int, AnalyticsLink] = {}
         self._lock = threading.Lock()  # links change on the source's thread
-        self._started = 0  # engines started: unique thread names across hand-overs
+        self.engines_started = 0  # unique thread names across hand-overs; a test counts them
         self.on_worker_error: Callable[[], object] = lambda: None
         self.checkpoint_corrupt = 0
 
@@ -216,8 +216,8 @@ class PartitionedAnalytics:
             alerts_db=str(Path(base.alerts_db).with_name(f"alerts-p{partition}.sqlite")),
         )
         config = msgspec.structs.replace(self.config, analytics=analytics)
-        self._started += 1
-        number = self._started
+        self.engines_started += 1
+        number = self.engines_started
 
         def spawn(name: str, target: Any) -> threading.Thread:
             self._threads[partition] = f"{name}-p{partition}-{number}"

@@ -178,3 +178,54 @@ def test_window_results_whose_write_fails_are_kept_and_written_next_time(tmp_pat
     assert failed, "nothing was computed: the test proves nothing"
     assert set(failed) <= set(written)
     assert errors == [1]
+
+
+def test_a_late_update_is_written_after_the_version_it_replaces(tmp_path: Path) -> None:
+    """Window results were written by whichever thread computed them: the worker, or the
+    caller of flush() (an idle tick, the end of a run) through the commit threads. A window
+    emitted twice could so reach the database newest first, and its stale version won (points
+    overwrite): the one-vs-three-workers test saw different 5-minute rows about one run in
+    five. Now every result goes through one ordered queue and one writer at a time."""
+    config = config_in(tmp_path).with_overrides(
+        {"analytics.delay_s": 0, "analytics.lateness_s": 600}
+    )
+    engine = AnalyticsEngine(config.analytics)
+    encoder = TableEncoder()
+    written: list[str] = []
+    first_write = threading.Event()
+    release = threading.Event()
+
+    def deliver(results: list[Result]) -> None:
+        lines = encoder.encode(results)
+        if not first_write.is_set():  # the worker's first write is slow (a busy database)
+            first_write.set()
+            assert release.wait(10)
+        written.extend(lines)
+
+    def written_by_caller(out: Output) -> None:  # what the pipeline does with flush()'s output
+        written.extend(encoder.encode(out.results))
+
+    engine.windows_in_background(deliver)
+    worker = threading.Thread(target=engine.work)
+    worker.start()
+    engine.process(traffic(config, [("det-0001", T0_MS, 10)]))
+    engine.process(traffic(config, [("det-0001", T0_MS + 60_000, 10)]))  # minute 0 complete
+    assert first_write.wait(10), "the worker never wrote minute 0"
+    # minute 0's late reading, and a flush on another thread while the first write is slow
+    engine.process(traffic(config, [("det-0001", T0_MS + 30_000, 50)]))
+    flusher = threading.Thread(target=lambda: written_by_caller(engine.flush()))
+    flusher.start()
+    time.sleep(0.5)  # the flush has computed the update by now
+    release.set()
+    flusher.join(timeout=10)
+    engine.stop()
+    worker.join(timeout=10)
+    engine.close()
+    minute_0 = [
+        line for line in written
+        if line.startswith("traffic_segment,") and "segment=seg-0001" in line
+        and "window=1m" in line and line.endswith(f" {(T0_MS + 60_000) * 1_000_000}")
+    ]  # fmt: skip
+    assert len(minute_0) >= 2, written  # emitted, then updated by the late reading
+    flows = [float(line.split("flow_vph=")[1].split(",")[0].rstrip("i")) for line in minute_0]
+    assert flows[-1] == max(flows) > flows[0]  # the update (60 vehicles a lane) written last
