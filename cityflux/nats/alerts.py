@@ -68,6 +68,7 @@ HISTORY: Final = 5
 TIMEOUT_S: Final = 15.0
 ATTEMPT_S: Final = 1.0  # one request within a call (answers take ~1 ms; a retry soon after)
 PAUSE_S: Final = 0.1  # between retries of a transient failure
+WATCH_AGAIN_S: Final = 1.0  # before a watch of the acks that ended is started again
 # the failures that a retry can cure: a node lost, a leader being elected, a reconnect
 TRANSIENT: Final = (
     nats.errors.TimeoutError,
@@ -161,6 +162,8 @@ class KvAlertStore:
         self._acks_seen: dict[int, int] = {}
         self._new_acks: deque[AckRecord] = deque()
         self._follower: asyncio.Task[None] | None = None
+        self._watcher: KeyValue.KeyWatcher | None = None  # the follower's current watch
+        self.follower_restarts = 0  # watches of the acks that ended and were started again
 
     @classmethod
     def open(
@@ -372,13 +375,39 @@ class KvAlertStore:
             return Ack("acknowledged", plain(acked), *previous)
 
     async def _start_following(self) -> asyncio.Task[None]:
-        watcher = await _retry(self.kv.watch, "a.*", ignore_deletes=True)
-        return asyncio.get_running_loop().create_task(self._follow(watcher))
+        self._watcher = await _retry(self.kv.watch, "a.*", ignore_deletes=True)
+        return asyncio.get_running_loop().create_task(self._follow_forever(self._watcher))
 
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        """The current alerts first (their acks are old news), then every change."""
+    async def _follow_forever(self, watcher: KeyValue.KeyWatcher) -> None:
+        """Follow the acks for as long as the store is open: a watch that ends (stopped, or
+        failing) is started again, and what changed meanwhile is news (it ended the task for
+        good once, and the worker never heard of an ack again, without a word)."""
+        first = True
+        while True:
+            try:
+                await self._follow(watcher, old_news=first)
+                why = "the watch ended"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # logged, counted, and started again
+                why = repr(exc)
+            first = False
+            self.follower_restarts += 1
+            log.warning(
+                "alerts bucket %s: following acknowledgements stopped (%s): watching again",
+                self.bucket, why,
+            )  # fmt: skip
+            await asyncio.sleep(WATCH_AGAIN_S)
+            try:
+                watcher = self._watcher = await _retry(self.kv.watch, "a.*", ignore_deletes=True)
+            except Exception as exc:  # NATS away: the next round retries
+                log.warning("alerts bucket %s: no watch (%r)", self.bucket, exc)
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher, old_news: bool) -> None:
+        """The current alerts first (their acks are old news on the first watch; on a later
+        one, those beyond what was seen are new), then every change, until the watch ends."""
         updates: Callable[..., Awaitable[Any]] = watcher.updates  # untyped in nats-py
-        current = True
+        current = old_news
         try:
             while True:
                 try:
@@ -388,6 +417,8 @@ class KvAlertStore:
                 if entry is None:  # the end of the current values
                     current = False
                     continue
+                if not isinstance(entry, KeyValue.Entry):  # nats-py's end marker: stopped
+                    return
                 stored = _decoded(entry.key, entry.value)
                 if stored is None:
                     continue

@@ -7,6 +7,7 @@ carries on."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -117,6 +118,41 @@ def test_two_workers_unique_ids_one_list_acks_seen_everywhere(
     assert [json.loads(line)["entity"] for line in out.splitlines()] == ["s1"]
     store_a.close()
     store_b.close()
+
+
+def _heard(store: KvAlertStore, wanted: tuple[int, str], within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    heard: list[tuple[int, str]] = []
+    while wanted not in heard and time.monotonic() < deadline:
+        heard += [(r.alert_id, r.by) for r in store.take_acks()]
+        time.sleep(0.02)
+    return wanted in heard
+
+
+def test_a_watch_of_the_acks_that_ends_is_started_again(nats_node: LocalNats) -> None:
+    """The task following the acks ended for good when its watch ended (nats-py hands an end
+    marker, which it then failed on): the worker never heard of another ack, and nothing
+    said so. Now the watch is started again, counted and logged, and acks made meanwhile are
+    news."""
+    config = nats_config([nats_node.url])
+    store_a = KvAlertStore.open(config, "worker-a", create=True)
+    store_b = KvAlertStore.open(config, "worker-b")
+    try:
+        store_a.follow_acks()
+        first, second, third = raise_alerts(AlertEngine([TPI], store_b), "d02", ["s1", "s2", "s3"])
+        assert store_b.acknowledge(first.id, "ops-1").status == "acknowledged"
+        assert _heard(store_a, (first.id, "ops-1"))
+        watcher = store_a._watcher
+        assert watcher is not None
+        asyncio.run_coroutine_threadsafe(watcher.stop(), store_a.loop).result(5)  # it ends
+        assert store_b.acknowledge(second.id, "ops-2").status == "acknowledged"  # meanwhile
+        assert _heard(store_a, (second.id, "ops-2"))
+        assert store_b.acknowledge(third.id, "ops-3").status == "acknowledged"  # afterwards
+        assert _heard(store_a, (third.id, "ops-3"))
+        assert store_a.follower_restarts == 1
+    finally:
+        store_a.close()
+        store_b.close()
 
 
 def test_ids_stay_unique_when_two_workers_allocate_at_once(nats_node: LocalNats) -> None:
