@@ -159,7 +159,6 @@ def test_one_worker_and_three_workers_give_the_same_indices_and_alerts(
     device_side = msgspec.structs.replace(
         base.mqtt, url=f"mqtt://127.0.0.1:{nats_node.mqtt_port}", protocol="3.1.1"
     )
-    expected = sum(sim.expected.points.get(m, 0) for m in ("pole", "manhole", "traffic"))
     with contextlib.ExitStack() as stack:
         workers = [stack.enter_context(Pipeline(c, connect_timeout_s=10)) for c in one + three]
         sources = [w.source for w in workers]
@@ -175,6 +174,10 @@ def test_one_worker_and_three_workers_give_the_same_indices_and_alerts(
         wait_for(balanced, 30, "the partitions shared out")
         summary = run_simulation(sim, device_side, SPEED)
         assert summary.completed
+        # the simulation counts what it published as it goes (before the run it said 0, and
+        # this wait passed at once)
+        expected = sum(sim.expected.points.get(m, 0) for m in ("pole", "manhole", "traffic"))
+        assert expected > 10_000
         for configs in (one, three):
             wait_for(lambda c=configs: points(influxdb, c[0]) >= expected, 90, "every reading")
         for worker in workers:
