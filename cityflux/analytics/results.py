@@ -95,6 +95,8 @@ class ResultTables:
         fields = {
             "tpi": r.tpi, "congested_share": r.congested_share, "cv": r.cv, "vkt": r.vkt,
             "segments_with_data": r.links_with_data.astype(np.int64), "tpi_vkt": r.tpi_vkt,
+            "congested_km": r.congested_km, "length_km": r.length_km, "tpi_sum": r.tpi_sum,
+            "tpi_sq_sum": r.tpi_sq_sum,
         }  # fmt: skip
         return [Table(DISTRICT_MEASUREMENT, series, self.tags(series, build), rounded(fields), end)]
 

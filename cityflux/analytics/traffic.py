@@ -177,9 +177,15 @@ class Rollup:
     cv: Array
     vkt: Array
     links_with_data: Array
-    # sum of segment TPI x VKT: with vkt, the city's TPI from district rows alone
-    # (sum(tpi_vkt) / sum(vkt)), which workers that each hold some districts can write
+    # sums from which the city's figures follow from the district rows alone (workers that
+    # each hold some districts write no city row): TPI = sum(tpi_vkt) / sum(vkt), congested
+    # share = sum(congested_km) / sum(length_km), CV from the segment TPIs' sum and sum of
+    # squares over links_with_data
     tpi_vkt: Array
+    congested_km: Array
+    length_km: Array
+    tpi_sum: Array
+    tpi_sq_sum: Array
 
 
 def rollup(model: CityModel, link: LinkIndices) -> Rollup:
@@ -198,17 +204,23 @@ def rollup(model: CityModel, link: LinkIndices) -> Rollup:
 
     w_tpi, w = by_district(tpi * vkt), by_district(vkt)
     n = by_district(ok.astype(np.float64))
-    mean = by_district(tpi) / np.maximum(n, 1)
-    mean_sq = by_district(tpi * tpi) / np.maximum(n, 1)
+    tpi_sum, tpi_sq_sum = by_district(tpi), by_district(tpi * tpi)
+    congested_km, length_km = by_district(congested), by_district(length)
+    mean = tpi_sum / np.maximum(n, 1)
+    mean_sq = tpi_sq_sum / np.maximum(n, 1)
     std = np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
         return Rollup(
             tpi=np.where(w > 0, w_tpi / w, np.where(n > 0, mean, np.nan)),
-            congested_share=np.where(n > 0, by_district(congested) / by_district(length), np.nan),
+            congested_share=np.where(n > 0, congested_km / length_km, np.nan),
             cv=np.where(mean > 0, std / mean, np.where(n > 0, 0.0, np.nan)),
             vkt=w,
             links_with_data=n,
             tpi_vkt=w_tpi,
+            congested_km=congested_km,
+            length_km=length_km,
+            tpi_sum=tpi_sum,
+            tpi_sq_sum=tpi_sq_sum,
         )
 
 

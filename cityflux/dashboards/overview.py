@@ -22,7 +22,14 @@ UID = "cityflux-overview"
 # one writes a city row (docs/scale.md)
 CITY_TPI = """SELECT sum("tpi_vkt") / sum("vkt") AS "tpi" FROM "traffic_district" \
 WHERE "district" != 'city' AND "window" = '5m' AND $timeFilter"""
-CITY = """FROM "traffic_district" WHERE "district" = 'city' AND "window" = '5m' AND $timeFilter"""
+# The city's share of congested road length and its CV of segment TPI, from the district rows
+# in the same way (sums of the districts' lengths, and of their segment TPIs and squares)
+CITY_CONGESTED = """SELECT sum("congested_km") / sum("length_km") AS "congested_share" \
+FROM "traffic_district" WHERE "district" != 'city' AND "window" = '5m' AND $timeFilter"""
+_N = 'sum("segments_with_data")'
+CITY_CV = f"""SELECT sqrt(sum("tpi_sq_sum") / {_N} - pow(sum("tpi_sum") / {_N}, 2)) \
+/ (sum("tpi_sum") / {_N}) AS "cv" FROM "traffic_district" WHERE "district" != 'city' \
+AND "window" = '5m' AND $timeFilter"""
 DISTRICTS = """FROM "traffic_district" WHERE "district" != 'city' AND "window" = '5m' \
 AND $timeFilter"""
 
@@ -52,7 +59,7 @@ def build() -> dash.Dashboard:
         .with_panel(
             panels.single_stat(
                 "Congested road length",
-                Query(f'SELECT last("congested_share") {CITY}'),
+                Query(f"{CITY_CONGESTED} GROUP BY time(1m) fill(none)"),
                 unit="percentunit",
                 width=4,
                 height=4,
@@ -105,9 +112,7 @@ def build() -> dash.Dashboard:
                     f'SELECT mean("cv") {DISTRICTS} GROUP BY time($__interval), "district" '
                     "fill(none)"
                 ).alias("$tag_district"),
-                Query(f'SELECT mean("cv") {CITY} GROUP BY time($__interval) fill(none)')
-                .ref_id("B")
-                .alias("city"),
+                Query(f"{CITY_CV} GROUP BY time(1m) fill(none)").ref_id("B").alias("city"),
                 description="Coefficient of variation of segment TPI: how uneven congestion is",
             )
         )

@@ -17,7 +17,7 @@ from cityflux.cli import app
 from cityflux.cli.scenario import execute
 from cityflux.config import Config
 from cityflux.dashboards import catalog
-from cityflux.dashboards.overview import CITY_TPI
+from cityflux.dashboards.overview import CITY_CONGESTED, CITY_CV, CITY_TPI
 from cityflux.dashboards.verify import Check, targets, verify
 from cityflux.simulators.scenario import load_scenario
 from cityflux.simulators.simulation import Simulation
@@ -118,14 +118,21 @@ def test_verify_command_fails_on_empty_panels(config: Config, db: InfluxWriter) 
 
 
 def city_tpi_matches(db: InfluxWriter) -> None:
-    """The overview's city TPI, computed from the district rows (so that it holds on the
-    cluster, where no worker writes the city row), equals the engine's city row."""
+    """The overview's city TPI, congested share and CV, computed from the district rows (so
+    that they hold on the cluster, where no worker writes the city row), equal the engine's
+    city row."""
     window = """"district" = 'city' AND "window" = '5m' AND "vkt" > 0"""
-    city = select(db, f'SELECT "tpi" FROM "traffic_district" WHERE {window}')
-    derived = select(
-        db, CITY_TPI.replace("$timeFilter", "time > 0") + " GROUP BY time(1m) fill(none)"
+    city = select(
+        db, f'SELECT "tpi", "congested_share", "cv" FROM "traffic_district" WHERE {window}'
     )
-    by_time = {row["time"]: row["tpi"] for row in derived}
     assert len(city) > 10
-    for row in city:
-        assert by_time[row["time"]] == pytest.approx(row["tpi"], rel=1e-3, abs=1e-3), row
+    for query, field in ((CITY_TPI, "tpi"), (CITY_CONGESTED, "congested_share"), (CITY_CV, "cv")):
+        derived = select(
+            db, query.replace("$timeFilter", "time > 0") + " GROUP BY time(1m) fill(none)"
+        )
+        by_time = {row["time"]: row[field] for row in derived}
+        assert len({row[field] for row in city}) > 1, field  # the figure moves in the run
+        for row in city:
+            assert by_time[row["time"]] == pytest.approx(row[field], rel=2e-3, abs=2e-3), (
+                field, row, by_time[row["time"]],
+            )  # fmt: skip
