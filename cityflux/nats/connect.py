@@ -71,8 +71,13 @@ async def connect(config: NatsConfig, name: str, wait_s: float | None = None) ->
         options |= {"user": config.user, "password": config.password or ""}
     if config.creds_file is not None:
         options["user_credentials"] = config.creds_file
-    if config.tls.enabled or any(url.startswith("tls://") for url in config.urls):
-        options["tls"] = tls_context(config.tls)
+    # a CA or a client certificate given means TLS with them: a nats:// URL to a server that
+    # requires TLS is upgraded by nats-py, which would otherwise verify against the system CAs
+    # (measured: CERTIFICATE_VERIFY_FAILED with nats.tls.ca_file set)
+    tls = config.tls
+    given = tls.enabled or tls.ca_file is not None or tls.cert_file is not None
+    if given or any(url.startswith("tls://") for url in config.urls):
+        options["tls"] = tls_context(tls)
     try:
         return await asyncio.wait_for(nats.connect(**options), wait_s)
     except TimeoutError as exc:
