@@ -85,3 +85,38 @@ def topic_of(subject: str, subject_root: str, topic_root: str) -> str:
     rest = subject[len(subject_root) + 1 :]
     _, _, tail = rest.partition(".")
     return "/".join([topic_root.rstrip("/"), *map(topic_level, tail.split("."))])
+
+
+class TopicCache:
+    """:func:`topic_of` remembered per subject: a device's readings all come under one
+    subject, so a worker converts each of its devices once instead of each message (it was 3 %
+    of a JetStream worker's samples). Bounded: emptied when it holds ``limit`` subjects."""
+
+    def __init__(self, subject_root: str, topic_root: str, limit: int = 500_000) -> None:
+        self.subject_root = subject_root
+        self.topic_root = topic_root
+        self.limit = limit
+        self._topics: dict[str, str] = {}
+
+    def __call__(self, subject: str) -> str:
+        topic = self._topics.get(subject)
+        if topic is None:
+            if len(self._topics) >= self.limit:
+                self._topics.clear()
+            topic = self._topics[subject] = topic_of(subject, self.subject_root, self.topic_root)
+        return topic
+
+
+def deliveries(reply: str) -> int:
+    """How often JetStream delivered a message, from its reply subject (``$JS.ACK.…``), read as
+    nats-py's ``Msg.metadata`` reads it (the v1 form of 9 tokens, the v2 form of 11 or 12 with
+    a domain and an account hash), without building that object: 3.8 µs a message, 7 % of a
+    JetStream worker's samples. ValueError for a reply that is not a JetStream ack subject."""
+    tokens = reply.split(".")
+    if len(tokens) < 2 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise ValueError(f"not a JetStream reply subject: {reply!r}")
+    if len(tokens) == 9:
+        return int(tokens[4])
+    if len(tokens) >= 11:
+        return int(tokens[6])
+    raise ValueError(f"not a JetStream reply subject: {reply!r}")

@@ -40,7 +40,7 @@ from cityflux.model.inbox import WaitingInbox
 from cityflux.model.messages import MessageBatch
 from cityflux.nats.connect import connect
 from cityflux.nats.members import Members
-from cityflux.nats.partition import topic_of
+from cityflux.nats.partition import TopicCache, deliveries
 from cityflux.observability import Metrics
 from cityflux.supervisor import Component, Supervisor
 
@@ -79,6 +79,7 @@ class JetStreamSource:
         self.supervisor = supervisor
         self.client_id = client_id
         self.topic_root = config.mqtt.topic_root.rstrip("/")
+        self._topic_of = TopicCache(config.nats.subject_root, self.topic_root)
         self.connected = threading.Event()
         # called on the loop's thread (through to_thread) before a gained partition's first
         # message is handed over, and after a lost one's last
@@ -98,6 +99,7 @@ class JetStreamSource:
         self._active: set[int] = set()  # pinned to us: messages came, on_partitions told
         self._pullers: dict[int, asyncio.Task[None]] = {}
         self._releasing = 0  # partitions being handed back now
+        self.puller_restarts = 0  # pullers that ended by an error and were started again
         self._asked: dict[int, float] = {}  # partition -> when we last sent a pull request
         self._warned_no_stream = False
         self._live: list[str] = []  # the live workers at the last heartbeat
@@ -262,6 +264,7 @@ class JetStreamSource:
             await asyncio.wait([beating, live], return_when=asyncio.FIRST_COMPLETED)
             while not self._stopping.is_set() and not beating.done():
                 component.beat()
+                self._restart_failed_pullers()
                 await self._rebalance(members.assignment(self._live))
                 await self._sleep(self.nats.heartbeat_s)
             if beating.done() and not self._stopping.is_set():
@@ -318,6 +321,21 @@ class JetStreamSource:
         # all at once: one after another, a worker handing back 8 partitions took ~8 s
         await asyncio.gather(*(self._release(partition) for partition in sorted(lost)))
         for partition in sorted(gained):
+            self._pullers[partition] = asyncio.create_task(self._pull(partition))
+
+    def _restart_failed_pullers(self) -> None:
+        """A partition's puller that ended by an error is started again (counted, logged):
+        left alone, its partition would stay ours and unread, and nobody would say so."""
+        for partition, task in list(self._pullers.items()):
+            if not task.done() or task.cancelled() or partition in self._winding_down:
+                continue
+            error = task.exception()
+            self.puller_restarts += 1
+            self.metrics.component_restarts.labels("nats-puller").inc()
+            log.error(
+                "%s: reading partition %d failed (%r): reading it again",
+                self.client_id, partition, error,
+            )  # fmt: skip
             self._pullers[partition] = asyncio.create_task(self._pull(partition))
 
     async def _release(self, partition: int) -> None:
@@ -455,10 +473,10 @@ class JetStreamSource:
         payloads: list[bytes] = []
         replies: list[str] = []
         for msg in messages:
-            topic = topic_of(msg.subject, self.nats.subject_root, self.topic_root)
-            deliveries = msg.metadata.num_delivered if msg.reply else 1
-            if deliveries >= self.nats.max_deliver:
-                await self._poison(topic, msg, deliveries)
+            topic = self._topic_of(msg.subject)
+            delivered = deliveries(msg.reply) if msg.reply else 1
+            if delivered >= self.nats.max_deliver:
+                await self._poison(topic, msg, delivered)
                 continue
             topics.append(topic)
             payloads.append(msg.data)

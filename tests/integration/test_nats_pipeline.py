@@ -17,6 +17,7 @@ from bench.ingest import influx_count
 from bench.stream import mixed_stream, points_in
 from cityflux.analytics.results import ALERT_MEASUREMENT, SEGMENT_MEASUREMENT
 from cityflux.config import Config
+from cityflux.nats import source as source_module
 from cityflux.nats.admin import init
 from cityflux.nats.alerts import KvAlertStore
 from cityflux.nats.source import JetStreamSource
@@ -304,3 +305,34 @@ def test_the_poison_dead_letter_is_stored_and_counted(
         assert "delivered 5 times" in rows[0]["message"]
     finally:
         writer.close()
+
+
+def test_a_partition_reader_that_fails_is_started_again(
+    nats_node: LocalNats, influxdb: LocalInfluxDB, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A partition's puller task that ended by an error stayed ended: its partition stayed
+    assigned to the worker and unread, and nothing said so. Now it is started again, counted
+    in cityflux_component_restarts, and what it held comes back after ack_wait."""
+    config = nats_config([nats_node.url], influxdb, tmp_path, f"w-{uuid.uuid4().hex[:6]}")
+    config = config.with_overrides({"influx.database": f"test_{uuid.uuid4().hex[:10]}"})
+    asyncio.run(init(config))
+    injected: list[str] = []
+    real = source_module.deliveries
+
+    def fails_once(reply: str) -> int:
+        if not injected:
+            injected.append(reply)
+            raise RuntimeError("injected: a bug in reading one batch")
+        return real(reply)
+
+    monkeypatch.setattr(source_module, "deliveries", fails_once)
+    messages = mixed_stream(2_000, devices=200)
+    with Pipeline(config, connect_timeout_s=10) as pipeline:
+        assert nats_node.mqtt_port is not None
+        publish_all(nats_node.mqtt_port, messages)
+        wait_for(lambda: points(influxdb, config) >= points_in(messages), 60, "every point stored")
+        assert injected
+        assert pipeline.source.puller_restarts == 1  # type: ignore[attr-defined]
+        restarts = pipeline.metrics.value("component_restarts_total", component="nats-puller")
+        assert restarts == 1
+    assert points(influxdb, config) == points_in(messages)
