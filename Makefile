@@ -19,9 +19,13 @@ install: ## the `cityflux` command in every new shell: a link in $(BINDIR) to .v
 	@case ":$$PATH:" in *":$(BINDIR):"*) ;; \
 	  *) echo "$(BINDIR) is not on your PATH: export PATH=\"$(BINDIR):\$$PATH\"" ;; esac
 
+# `make test`: two processes for the tests that mostly wait on servers, then alone the
+# timing-sensitive ones (marker `serial`, tests/conftest.py); both passes run, either failing
+# fails. A plain `.venv/bin/pytest` runs the same tests one at a time.
 test:  ## set up, then run the whole test suite against real servers
 	@scripts/bootstrap.sh
-	.venv/bin/pytest
+	.venv/bin/pytest -n 2 --dist loadfile -m "not serial"; a=$$?; \
+	  .venv/bin/pytest -m serial; b=$$?; exit $$((a | b))
 
 test-unit: ## the fast inner loop: unit tests only, no servers and no apt (about 30 s)
 	@scripts/bootstrap.sh --python-only

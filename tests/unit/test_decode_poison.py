@@ -83,7 +83,11 @@ TIMESTAMP_POISON = [
 ]
 
 
-@pytest.mark.parametrize(("case", "topic", "payload"), TIMESTAMP_POISON)
+# ids: the case names; a payload holds the wall clock, and the ids must be the same in every
+# pytest-xdist process
+@pytest.mark.parametrize(
+    ("case", "topic", "payload"), TIMESTAMP_POISON, ids=[c[0] for c in TIMESTAMP_POISON]
+)
 def test_timestamp_poison_is_bad_timestamp_of_that_message_only(
     case: str, topic: str, payload: bytes
 ) -> None:
@@ -222,7 +226,9 @@ DUPLICATES = [
 ]
 
 
-@pytest.mark.parametrize(("case", "topic", "payload", "key", "reading"), DUPLICATES)
+@pytest.mark.parametrize(
+    ("case", "topic", "payload", "key", "reading"), DUPLICATES, ids=[c[0] for c in DUPLICATES]
+)
 def test_duplicate_keys_are_rejected_not_last_wins(
     case: str, topic: str, payload: str, key: str, reading: int | None
 ) -> None:
@@ -247,6 +253,7 @@ def test_duplicate_keys_are_rejected_not_last_wins(
         f'{{"ts": {NOW_MS}, "device_id": "pole\\u002d0001", "pm25_ugm3": 1}}',  # a backslash
         f'{{"ts" : {NOW_MS} ,\n "pm25_ugm3" :\t1 }}',  # whitespace anywhere
     ],
+    ids=["null key", "colons in a string", "a backslash", "whitespace"],
 )
 def test_what_only_looks_like_a_duplicate_is_accepted(payload: str) -> None:
     config = Config().with_overrides({"ingest.max_past_s": 10**9})
