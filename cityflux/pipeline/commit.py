@@ -23,6 +23,7 @@ DERIVED_SLICE = 10_000  # lines per write of analytics results
 DERIVED_PAUSE_S = 0.01
 SPOOL_FULL_PAUSE_S = 0.5
 DEADLETTER_CONFIRM_S = 5.0
+TURN_WAIT_S = 10.0  # a batch's analytics lines wait this long at most for an earlier batch's
 
 
 class Committer:
@@ -40,10 +41,29 @@ class Committer:
         self.metrics = metrics
         self.stopping = stopping
         self.store_problem: str | None = None  # why durable writes are failing right now
+        # Batches carrying analytics lines are written in the order they were analysed: two
+        # commit threads could otherwise land an alert's older point (its count, its value,
+        # its acknowledgement) after the newer one, and points overwrite.
+        self._turns_given = 0
+        self._turn = 0  # the next numbered batch whose lines may be written
+        self._turn_changed = threading.Condition()
+
+    def take_turn(self) -> int:
+        """A number for a batch with analytics lines (the pipeline thread, in analysis order)."""
+        with self._turn_changed:
+            self._turns_given += 1
+            return self._turns_given - 1
 
     def commit(self, batch: MessageBatch, outcome: BatchOutcome) -> bool:
         """Store durably, dead-letter, acknowledge. False if not acknowledged."""
-        result = self.write_durably(outcome.lines)
+        if outcome.turn < 0:
+            result = self.write_durably(outcome.lines)
+        else:
+            self._wait_for_turn(outcome.turn)
+            try:
+                result = self.write_durably(outcome.lines)
+            finally:
+                self._end_turn(outcome.turn)
         if result is None:
             return False  # stopping while the spool was full: the broker keeps the batch
         self._publish_letters(outcome.letters)
@@ -57,6 +77,24 @@ class Committer:
         self.metrics.batch_messages.observe(len(batch))
         self.metrics.ack_lag_seconds.observe(time.monotonic() - batch.first_received)
         return acked
+
+    def _wait_for_turn(self, turn: int) -> None:
+        deadline = time.monotonic() + TURN_WAIT_S
+        with self._turn_changed:
+            while self._turn < turn and not self.stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:  # an earlier batch is stuck (or was never queued): go on
+                    log.warning(
+                        "analytics lines of batch %d written before those of batch %d",
+                        turn, self._turn,
+                    )  # fmt: skip
+                    return
+                self._turn_changed.wait(min(left, 0.5))
+
+    def _end_turn(self, turn: int) -> None:
+        with self._turn_changed:
+            self._turn = max(self._turn, turn + 1)
+            self._turn_changed.notify_all()
 
     def write_durably(self, lines: list[str]) -> SinkResult | None:
         """Database or spool, retried while neither can take the lines (spool full, disk

@@ -224,7 +224,8 @@ class Pipeline:
                 elif self.analytics is not None:  # idle: close windows, checkpoint
                     lines = self.analytics.idle()
                     if lines:
-                        self._hand_over((MessageBatch(), BatchOutcome(lines=lines)))
+                        idle = BatchOutcome(lines=lines, derived=True)
+                        self._hand_over((MessageBatch(), idle))
                 health = self._health_line()
                 if health is not None:
                     self._hand_over((MessageBatch(), BatchOutcome(lines=[health])))
@@ -243,6 +244,8 @@ class Pipeline:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def _hand_over(self, work: tuple[MessageBatch, BatchOutcome]) -> None:
+        if work[1].derived:  # analytics lines: committed in the order analysed
+            work[1].turn = self.committer.take_turn()
         size, limit = len(work[0]), self.config.ingest.batch_size
         with self._queued_changed:  # small batches queue up; a full one waits for room
             while self._queued and self._queued + size > limit:

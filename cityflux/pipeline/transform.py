@@ -39,6 +39,10 @@ class BatchOutcome:
     lines: list[str] = field(default_factory=list)
     letters: list[tuple[str, bytes]] = field(default_factory=list)  # (topic, payload)
     accepted: dict[str, int] = field(default_factory=dict)
+    # the lines include analytics results (alert points, acks): written in the order the
+    # batches were analysed (Committer), the pipeline numbers them (-1: not numbered yet)
+    derived: bool = False
+    turn: int = -1
 
 
 class Transform:
@@ -72,7 +76,9 @@ class Transform:
             if len(good):
                 newest = max(newest, int(good.ts_ns.max()))
         if self.analytics is not None:
-            outcome.lines += self._analyse(batch, staged.columns, rejections, staged.ignored)
+            analysed = self._analyse(batch, staged.columns, rejections, staged.ignored)
+            outcome.lines += analysed
+            outcome.derived = bool(analysed)
         if newest:
             self.metrics.event_lag_seconds.set((now_ns - newest) / 1e9)
         # dead letters in the order their messages arrived
