@@ -251,6 +251,12 @@ class Spool:
                 if is_environmental(exc):  # a full disk, no permission: not damage
                     raise
                 problems = [str(exc)]
+            except UnicodeDecodeError as exc:  # a flipped bit in the schema's text (found by
+                # tests/adversarial/test_spool_torn.py): damage too, not a crash at start-up
+                if self._conn is not None:
+                    close_quietly(self._conn)
+                    self._conn = None
+                problems = [f"unreadable text in the file: {exc}"]
         if problems:
             self._rebuild(problems)
         if not marker.exists():  # from now on an empty or missing file means damage

@@ -85,6 +85,15 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+# what reading a damaged file raises: SQLite's errors, and a flipped bit in the schema's text,
+# which SQLite quotes in its error message and Python then fails to decode
+UNREADABLE: Final = (sqlite3.Error, UnicodeDecodeError)
+
+
+def _lenient_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
 def fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
     """fetchall: a statement left open would hold a read lock and block the checkpoint."""
     try:
@@ -232,6 +241,8 @@ class Salvage:
         except sqlite3.Error:
             self.outcome.counted = False
             return self.outcome
+        # text in a damaged file need not be UTF-8 (a flipped bit): read it, never raise on it
+        conn.text_factory = _lenient_text
         try:
             self._copy(conn)
         finally:
@@ -264,7 +275,7 @@ class Salvage:
                 if row[0] in self.found:
                     return True  # the backward scan met the forward one
                 self._add(row)
-        except sqlite3.Error:
+        except UNREADABLE:
             return False
         return True
 
@@ -304,7 +315,7 @@ class Salvage:
                 )
                 if isinstance(row[0], int):
                     ids.add(row[0])
-        except sqlite3.Error as exc:
+        except UNREADABLE as exc:
             log.error("spool salvage: part of the quarantine table is unreadable: %s", exc)
         return ids
 
@@ -350,7 +361,7 @@ class Salvage:
 def _try_int(conn: sqlite3.Connection, sql: str) -> int | None:
     try:
         rows = conn.execute(sql).fetchall()
-    except sqlite3.Error:
+    except UNREADABLE:
         return None
     return int(rows[0][0]) if rows and isinstance(rows[0][0], int) else None
 
