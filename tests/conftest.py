@@ -30,6 +30,9 @@ SERIAL = (
     "tests/adversarial/test_malformed_broker.py::test_server_keep_alive_replaces_ours",  # < 2 s
     "tests/adversarial/test_oversize.py::test_maximum_packet_size",  # two $SYS intervals
     "tests/adversarial/test_exit.py",  # publishes 1 s after starting `cityflux run`
+    # the recorder (its own process) must keep up with cityflux before the test's Ctrl-C:
+    # under the parallel pass it was 1,333 of 5,816 messages behind (CI, 2026-11-30)
+    "tests/integration/test_record_replay.py::test_recorded_simulation_replays",
     "tests/unit/test_engine_edges.py::test_window_results_whose_write_fails",  # 0.5 s wake-ups
     "tests/unit/test_engine_edges.py::test_a_late_update_is_written_after",  # "by now": 0.5 s
 )
