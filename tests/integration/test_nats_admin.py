@@ -301,7 +301,9 @@ def test_kill_9_of_the_stream_leader_keeps_every_pubacked_reading(
 
 async def _all_payloads(urls: list[str], count: int) -> list[bytes]:
     nc = await nats_client.connect(urls)
-    js = nc.jetstream(timeout=10)
+    # the stream's leader was just killed and restarted: a consumer create may wait out an
+    # election on a loaded 2-core machine (it timed out at 10 s once in CI)
+    js = nc.jetstream(timeout=30)
     sub = await js.pull_subscribe("cityflux.p.>", stream="CITYFLUX")
     out: list[bytes] = []
     while len(out) < count:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.ingest import influx_count
@@ -375,6 +376,10 @@ class Progress:
         return [t for (_, v), (t, w) in itertools.pairwise(self.samples) if w > v]
 
 
+# nats-py leaves tasks of a JetStream subscription pending when the test's event loop closes
+# right after the node under it was killed and restarted; their StreamWriter's "loop is closed"
+# at garbage collection failed the test once in CI after every assertion had passed
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_kill_9_of_the_stream_leader_loses_no_acknowledged_reading(
     nats_cluster: LocalNatsCluster, influxdb: LocalInfluxDB, tmp_path: Path
 ) -> None:
