@@ -52,7 +52,7 @@ from nats.js.kv import KeyValue
 from cityflux.config import NatsConfig
 from cityflux.errors import NatsError
 from cityflux.model.alerts import Ack, AckRecord, Alert
-from cityflux.nats.connect import connect
+from cityflux.nats.connect import connect, js_request
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +431,26 @@ class KvAlertStore:
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def _all(self) -> list[StoredAlert]:
+        """Every alert. nats-py's watch may say "no more values" before the first one when
+        its consumer is asked for its pending count too early (under load: an empty list from
+        a bucket holding 300 alerts, once in CI); the bucket's stream says how many keys there
+        are, and an empty answer from a bucket that has some is asked again."""
+        for _ in range(5):
+            found = await self._watched_values()
+            if found or not await self._has_alert_keys():
+                return found
+            await asyncio.sleep(PAUSE_S)
+        return found
+
+    async def _has_alert_keys(self) -> bool:
+        info = await js_request(
+            self.nc,
+            f"$JS.API.STREAM.INFO.KV_{self.bucket}",
+            {"subjects_filter": f"$KV.{self.bucket}.a.*"},
+        )
+        return bool((info.get("state") or {}).get("subjects"))
+
+    async def _watched_values(self) -> list[StoredAlert]:
         watcher = await _retry(self.kv.watch, "a.*", ignore_deletes=True)
         found: list[StoredAlert] = []
         try:
